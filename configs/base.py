@@ -1,0 +1,137 @@
+"""The one documented joyjax config: every key, its meaning and its default.
+
+Model and recipe files (``configs/tiny.py``, ``configs/joyai_flash.py``) start from ``get_config()`` and
+override values; the command line overrides last (``--config.train.lr=3e-4``). The returned ConfigDict is
+locked, so assigning a key that is not documented here raises an error naming it.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  # ---------------------------------------------------------------- model
+  m = c.model = ml_collections.ConfigDict()
+  m.vocab_size = 129280            # token embedding rows and head columns
+  m.hidden_size = 2048             # residual stream width
+  m.num_layers = 40                # decoder blocks (not counting MTP modules)
+  m.first_k_dense = 1              # the first k blocks use a dense MLP instead of MoE
+  m.dense_intermediate_size = 7168  # width of the dense MLP in those blocks
+  m.rms_norm_eps = 1e-6
+  m.tie_embeddings = False         # share embedding and output head
+  m.init_std = 0.006               # normal init std for every weight matrix
+  m.max_position_embeddings = 131072
+  m.dtype = "bfloat16"             # compute dtype of activations and matmuls
+  m.param_dtype = "float32"        # storage dtype of parameters (master weights)
+  m.scan_layers = True             # stack blocks and lax.scan them: compile time independent of depth
+  m.remat = "full"                 # rematerialisation per block: none | full | dots | dots_no_batch
+  m.attention_impl = "xla"         # xla (einsum softmax); reserved for flash kernels
+
+  a = m.attention = ml_collections.ConfigDict()
+  a.num_heads = 32
+  a.q_lora_rank = 1536             # 0: a full-rank q projection instead of the low-rank pair
+  a.kv_lora_rank = 512             # compressed latent width (what the KV cache stores)
+  a.qk_nope_head_dim = 128         # per-head q/k width without rotary embedding
+  a.qk_rope_head_dim = 64          # per-head q/k width with rotary (k's rope part is shared by heads)
+  a.v_head_dim = 128
+
+  r = m.rope = ml_collections.ConfigDict()
+  r.theta = 10000.0
+  r.interleave = True              # DeepSeek-V3 weights expect interleaved (pairwise) rotary dims
+  r.scaling = "none"               # none | yarn
+  r.factor = 1.0                   # yarn: context extension factor
+  r.original_max_position = 4096   # yarn: pre-extension context length
+  r.beta_fast = 32.0               # yarn: high-frequency boundary (rotations)
+  r.beta_slow = 1.0                # yarn: low-frequency boundary (rotations)
+  r.mscale = 1.0                   # yarn: cos/sin magnitude scale numerator
+  r.mscale_all_dim = 0.0           # yarn: denominator, and softmax scale correction when non-zero
+
+  e = m.moe = ml_collections.ConfigDict()
+  e.num_experts = 256              # routed experts
+  e.num_experts_per_tok = 8        # top-k
+  e.intermediate_size = 768        # width of each routed (and each shared) expert
+  e.num_shared_experts = 1         # shared experts, fused into one MLP of width n * intermediate_size
+  e.n_group = 1                    # expert groups for group-limited routing
+  e.topk_group = 1                 # groups a token may route into
+  e.routed_scaling_factor = 2.5
+  e.norm_topk_prob = True          # renormalise the chosen weights to sum 1
+  e.scoring_func = "sigmoid"       # sigmoid | softmax
+  e.impl = "auto"                  # grouped-matmul backend: auto | reference | ragged_dot | pallas | pallas_interpret
+  e.capacity_factor = 0.0          # expert parallelism: 0 = dropless, > 0 = drop tokens past capacity
+
+  t = m.mtp = ml_collections.ConfigDict()
+  t.num_layers = 1                 # multi-token prediction modules (0 disables)
+
+  # ---------------------------------------------------------------- data
+  d = c.data = ml_collections.ConfigDict()
+  d.path = ""                      # "" = the embedded corpus; else file path(s) / glob(s), comma separated
+  d.format = "auto"                # auto (by extension) | jsonl | parquet | text | arrayrecord
+  d.text_key = "text"              # field holding the document in jsonl / parquet / arrayrecord rows
+  d.tokenizer = ""                 # path to a HF tokenizer.json; "" = train a byte-level BPE on the corpus
+  d.tokenizer_vocab_size = 4096    # vocabulary of the tokenizer trained on first run
+  d.cache_dir = ".cache/joyjax"    # where the trained tokenizer and embedded corpus are cached
+  d.seq_len = 256                  # packed sequence length
+  d.shuffle = True
+  d.seed = 0
+  d.skip_malformed = False         # True: skip and count malformed rows; False: error naming file and row
+  d.add_bos = True
+  d.add_eos = True
+  d.num_epochs = 0                 # 0 = repeat forever
+  d.worker_count = 0               # grain worker processes (0 = in-process)
+
+  # ---------------------------------------------------------------- optimizer
+  o = c.optim = ml_collections.ConfigDict()
+  o.name = "muon"                  # muon (2-D matrices; AdamW for the rest) | adamw
+  o.lr = 3e-3                      # peak learning rate (Muon matrices)
+  o.adam_lr = 1e-3                 # peak learning rate of the AdamW part under muon; adamw: uses lr
+  o.schedule = "wsd"               # constant | cosine | wsd (warmup-stable-decay)
+  o.warmup_steps = 10
+  o.decay_fraction = 0.2           # wsd: last fraction of steps that decay linearly
+  o.min_lr_ratio = 0.1             # final lr as a fraction of peak
+  o.b1 = 0.9
+  o.b2 = 0.95
+  o.eps = 1e-8
+  o.weight_decay = 0.1             # decoupled; masked off for norms, biases and embeddings
+  o.muon_momentum = 0.95
+  o.muon_ns_steps = 5
+  o.grad_clip = 1.0                # global-norm clipping (0 disables)
+
+  # ---------------------------------------------------------------- training
+  tr = c.train = ml_collections.ConfigDict()
+  tr.steps = 200
+  tr.batch_size = 8                # global sequences per optimizer step
+  tr.grad_accum = 1                # micro-batches per step (batch_size must divide)
+  tr.seed = 0
+  tr.z_loss = 0.0                  # weight of log(Z)^2
+  tr.mtp_loss_weight = 0.3         # weight of the MTP cross-entropy
+  tr.balance_loss_alpha = 0.0      # sequence-wise balance loss weight (0 disables)
+  tr.router_bias_rate = 1e-3       # aux-loss-free bias update rate gamma (0 disables)
+  tr.loss_chunk = 1024             # tokens per chunk of the cross-entropy (full logits never materialise)
+  tr.max_nonfinite = 10            # stop after this many consecutive skipped (non-finite) steps
+  tr.log_every = 10
+  tr.output_dir = "runs/default"   # checkpoints, metrics.jsonl and TensorBoard events
+  tr.init_from = ""                # params-only checkpoint (e.g. from `joyjax convert`) to start from
+  tr.sample_prompt = "def "        # prompt sampled at the end of training ("" skips)
+  tr.sample_tokens = 48
+  tr.sample_temperature = 0.0      # 0 = greedy
+  tr.peak_tflops = 0.0             # per-device peak for MFU; 0 = guess from the device kind
+
+  ck = c.checkpoint = ml_collections.ConfigDict()
+  ck.every = 50                    # save every N steps (0 = only at the end)
+  ck.keep = 3                      # keep the last K
+  ck.async_save = True
+
+  # ---------------------------------------------------------------- parallelism
+  p = c.mesh = ml_collections.ConfigDict()
+  p.dcn_data = 1                   # data parallelism across slices / nodes (outermost)
+  p.data = 1
+  p.fsdp = -1                      # -1 takes the remaining devices
+  p.expert = 1
+  p.tensor = 1
+  p.coordinator = ""               # multi-host: host:port ("" = from the environment)
+  p.num_processes = 0
+  p.process_id = -1
+
+  c.lock()
+  return c

@@ -1,0 +1,254 @@
+"""Config loading, command-line overrides and eager validation.
+
+A config file is a Python module with ``get_config() -> ConfigDict`` that starts from ``configs/base.py``.
+Overrides look like ``--config.optim.lr=3e-4``. Every error names the offending key and says how to fix it,
+before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import os
+import sys
+
+import ml_collections
+
+from configs import base as _base
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+MOE_IMPLS = ("auto", "reference", "ragged_dot", "pallas", "pallas_interpret")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+  """A config key is unknown, mistyped or inconsistent with another."""
+
+
+def _all_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  keys = []
+  for k, v in cfg.items():
+    name = f"{prefix}{k}"
+    keys.append(name)
+    if isinstance(v, ml_collections.ConfigDict):
+      keys.extend(_all_keys(v, name + "."))
+  return keys
+
+
+def _unknown_key_error(key: str, known: list[str]) -> ConfigError:
+  close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+  hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+  return ConfigError(f"unknown config key {key!r}: it is not documented in configs/base.py.{hint}")
+
+
+def check_schema(cfg: ml_collections.ConfigDict) -> None:
+  """Every key of ``cfg`` exists in the base schema with a compatible type."""
+  ref = _base.get_config()
+  known = _all_keys(ref)
+
+  def walk(node, ref_node, prefix):
+    for k, v in node.items():
+      name = f"{prefix}{k}"
+      if k not in ref_node:
+        raise _unknown_key_error(name, known)
+      rv = ref_node[k]
+      if isinstance(rv, ml_collections.ConfigDict):
+        if not isinstance(v, ml_collections.ConfigDict):
+          raise ConfigError(f"config key {name!r} must be a group of keys, got {type(v).__name__}")
+        walk(v, rv, name + ".")
+      elif rv is not None and v is not None and not _type_ok(v, rv):
+        raise ConfigError(f"config key {name!r} must be {type(rv).__name__}, got {v!r} ({type(v).__name__})")
+
+  walk(cfg, ref, "")
+
+
+def _type_ok(v, ref) -> bool:
+  if isinstance(ref, bool):
+    return isinstance(v, bool)
+  if isinstance(ref, float):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+  if isinstance(ref, int):
+    return isinstance(v, int) and not isinstance(v, bool)
+  return isinstance(v, type(ref))
+
+
+def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+  """Loads ``path`` (a config file), applies ``--config.key=value`` overrides, validates."""
+  if not os.path.exists(path):
+    raise ConfigError(f"config file {path!r} does not exist (try configs/tiny.py or configs/joyai_flash.py)")
+  spec = importlib.util.spec_from_file_location(f"_joyjax_cfg_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except AttributeError as e:  # a locked ConfigDict rejects undocumented keys with AttributeError
+    raise ConfigError(f"{path}: {e}") from e
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file {path!r} must define get_config() returning a ConfigDict")
+  cfg = module.get_config()
+  check_schema(cfg)
+  apply_overrides(cfg, overrides)
+  validate(cfg)
+  return cfg
+
+
+def parse_value(text: str, ref):
+  """Parses a command-line value into the type of the existing field ``ref``."""
+  if isinstance(ref, bool):
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+      return True
+    if low in ("0", "false", "no", "off"):
+      return False
+    raise ValueError(f"expected a boolean, got {text!r}")
+  if isinstance(ref, int):
+    return int(float(text)) if "e" in text.lower() else int(text)
+  if isinstance(ref, float):
+    return float(text)
+  if isinstance(ref, str):
+    return text
+  return ast.literal_eval(text)
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides) -> None:
+  """Applies ``--config.a.b=value`` (or ``a.b=value``) strings in place."""
+  known = _all_keys(cfg)
+  for item in overrides:
+    arg = item[2:] if item.startswith("--") else item
+    if arg.startswith("config."):
+      arg = arg[len("config."):]
+    if "=" not in arg:
+      raise ConfigError(f"override {item!r} must look like --config.key=value")
+    key, text = arg.split("=", 1)
+    parts = key.split(".")
+    node = cfg
+    for p in parts[:-1]:
+      if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
+        raise _unknown_key_error(key, known)
+      node = node[p]
+    if parts[-1] not in node:
+      raise _unknown_key_error(key, known)
+    ref = node[parts[-1]]
+    if isinstance(ref, ml_collections.ConfigDict):
+      raise ConfigError(f"config key {key!r} is a group; override one of its keys instead")
+    try:
+      value = parse_value(text, ref)
+    except (ValueError, SyntaxError) as e:
+      raise ConfigError(f"config key {key!r}: cannot parse {text!r} as {type(ref).__name__}: {e}") from e
+    with node.unlocked():
+      node[parts[-1]] = value
+
+
+def _require(cond: bool, key: str, msg: str) -> None:
+  if not cond:
+    raise ConfigError(f"config key {key!r}: {msg}")
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  """Checks values and their consistency; raises ConfigError naming the key."""
+  m = cfg.model
+  a, e, r = m.attention, m.moe, m.rope
+  for key in ("vocab_size", "hidden_size", "num_layers", "dense_intermediate_size"):
+    _require(m[key] > 0, f"model.{key}", f"must be positive, got {m[key]}")
+  _require(0 <= m.first_k_dense <= m.num_layers, "model.first_k_dense",
+           f"must be in [0, model.num_layers={m.num_layers}], got {m.first_k_dense}")
+  _require(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {m.dtype!r}")
+  _require(m.param_dtype in DTYPES, "model.param_dtype", f"must be one of {DTYPES}, got {m.param_dtype!r}")
+  _require(m.remat in REMAT_POLICIES, "model.remat", f"must be one of {REMAT_POLICIES}, got {m.remat!r}")
+  _require(m.rms_norm_eps > 0, "model.rms_norm_eps", "must be positive")
+  _require(a.num_heads > 0, "model.attention.num_heads", "must be positive")
+  _require(a.q_lora_rank >= 0, "model.attention.q_lora_rank", "must be >= 0 (0 = full-rank q projection)")
+  for key in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+    _require(a[key] > 0, f"model.attention.{key}", f"must be positive, got {a[key]}")
+  _require(a.qk_rope_head_dim > 0 and a.qk_rope_head_dim % 2 == 0, "model.attention.qk_rope_head_dim",
+           f"must be a positive even number (rotary pairs), got {a.qk_rope_head_dim}")
+  _require(r.scaling in ("none", "yarn"), "model.rope.scaling", f"must be 'none' or 'yarn', got {r.scaling!r}")
+  if r.scaling == "yarn":
+    _require(r.factor >= 1.0, "model.rope.factor", f"yarn needs factor >= 1, got {r.factor}")
+    _require(r.original_max_position > 0, "model.rope.original_max_position", "must be positive for yarn")
+  if m.first_k_dense < m.num_layers or m.mtp.num_layers > 0:
+    _require(e.num_experts > 0, "model.moe.num_experts", "must be positive")
+    _require(0 < e.num_experts_per_tok <= e.num_experts, "model.moe.num_experts_per_tok",
+             f"must be in [1, model.moe.num_experts={e.num_experts}], got {e.num_experts_per_tok}")
+    _require(e.intermediate_size > 0, "model.moe.intermediate_size", "must be positive")
+    _require(e.n_group > 0 and e.num_experts % e.n_group == 0, "model.moe.n_group",
+             f"must divide model.moe.num_experts={e.num_experts}, got {e.n_group}")
+    _require(0 < e.topk_group <= e.n_group, "model.moe.topk_group",
+             f"must be in [1, model.moe.n_group={e.n_group}], got {e.topk_group}")
+    per_group = e.num_experts // e.n_group
+    _require(e.num_experts_per_tok <= e.topk_group * per_group, "model.moe.num_experts_per_tok",
+             f"top-{e.num_experts_per_tok} cannot be chosen from {e.topk_group} group(s) of {per_group} experts")
+    if e.n_group > 1:
+      _require(per_group >= 2, "model.moe.n_group", "group scoring uses the top-2 experts of each group: "
+               f"need >= 2 experts per group, got {per_group}")
+    _require(e.scoring_func in ("sigmoid", "softmax"), "model.moe.scoring_func",
+             f"must be 'sigmoid' or 'softmax', got {e.scoring_func!r}")
+    _require(e.impl in MOE_IMPLS, "model.moe.impl", f"must be one of {MOE_IMPLS}, got {e.impl!r}")
+    _require(e.num_shared_experts >= 0, "model.moe.num_shared_experts", "must be >= 0")
+    _require(e.capacity_factor >= 0, "model.moe.capacity_factor", "must be >= 0 (0 = dropless)")
+  _require(m.mtp.num_layers >= 0, "model.mtp.num_layers", "must be >= 0")
+
+  d = cfg.data
+  _require(d.seq_len > 1, "data.seq_len", f"must be > 1, got {d.seq_len}")
+  _require(d.format in ("auto", "jsonl", "parquet", "text", "arrayrecord"), "data.format",
+           f"must be auto | jsonl | parquet | text | arrayrecord, got {d.format!r}")
+  o = cfg.optim
+  _require(o.name in ("adamw", "muon"), "optim.name", f"must be 'adamw' or 'muon', got {o.name!r}")
+  _require(o.schedule in ("constant", "cosine", "wsd"), "optim.schedule",
+           f"must be constant | cosine | wsd, got {o.schedule!r}")
+  _require(o.lr > 0, "optim.lr", "must be positive")
+  _require(0.0 <= o.decay_fraction <= 1.0, "optim.decay_fraction", "must be in [0, 1]")
+  _require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables)")
+  t = cfg.train
+  _require(t.steps > 0, "train.steps", "must be positive")
+  _require(t.grad_accum > 0, "train.grad_accum", "must be positive")
+  _require(t.batch_size > 0 and t.batch_size % t.grad_accum == 0, "train.batch_size",
+           f"must be a positive multiple of train.grad_accum={t.grad_accum}, got {t.batch_size}")
+  _require(t.loss_chunk > 0, "train.loss_chunk", "must be positive")
+  _require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+  ck = cfg.checkpoint
+  _require(ck.every >= 0 and ck.keep > 0, "checkpoint.keep", "checkpoint.every >= 0 and checkpoint.keep > 0")
+  p = cfg.mesh
+  sizes = [p.dcn_data, p.data, p.fsdp, p.expert, p.tensor]
+  _require(sum(s == -1 for s in sizes) <= 1, "mesh", "at most one mesh axis may be -1")
+  _require(all(s == -1 or s > 0 for s in sizes), "mesh", f"axis sizes must be positive or -1, got {sizes}")
+  if p.expert > 1 and e.num_experts > 0:
+    _require(e.num_experts % p.expert == 0, "mesh.expert",
+             f"must divide model.moe.num_experts={e.num_experts}, got {p.expert}")
+  if p.tensor > 1:
+    _require(a.num_heads % p.tensor == 0, "mesh.tensor",
+             f"must divide model.attention.num_heads={a.num_heads}, got {p.tensor}")
+
+
+def to_dict(cfg: ml_collections.ConfigDict) -> dict:
+  return cfg.to_dict()
+
+
+def from_dict(d: dict) -> ml_collections.ConfigDict:
+  """Rebuilds a validated config from ``to_dict`` output (e.g. stored in a checkpoint)."""
+  cfg = _base.get_config()
+
+  def fill(node, src, prefix):
+    for k, v in src.items():
+      name = f"{prefix}{k}"
+      if k not in node:
+        raise _unknown_key_error(name, _all_keys(cfg))
+      if isinstance(node[k], ml_collections.ConfigDict):
+        fill(node[k], v, name + ".")
+      else:
+        with node.unlocked():
+          node[k] = v
+
+  fill(cfg, d, "")
+  check_schema(cfg)
+  validate(cfg)
+  return cfg
+
+
+def dtype_of(name: str):
+  import jax.numpy as jnp
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+
+
+if __name__ == "__main__":  # pragma: no cover
+  print(load_config(sys.argv[1], sys.argv[2:]))

@@ -1,0 +1,80 @@
+"""Public MoE dispatch ops and backend selection."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+
+from joyjax.kernels import reference
+
+IMPLS = ("auto", "reference", "ragged_dot", "pallas", "pallas_interpret")
+ENV_VAR = "JOYJAX_MOE_IMPL"
+
+
+def resolve_impl(impl: str = "auto") -> str:
+  """The backend to use: the environment override first, then ``impl``, with ``auto`` per platform."""
+  impl = os.environ.get(ENV_VAR, "") or impl
+  if impl not in IMPLS:
+    raise ValueError(f"unknown MoE impl {impl!r} (from {ENV_VAR} or model.moe.impl); choose one of {IMPLS}")
+  if impl != "auto":
+    return impl
+  platform = jax.default_backend()
+  if platform in ("gpu", "cuda", "tpu"):
+    try:
+      from joyjax.kernels import pallas_backend  # noqa: F401
+      if pallas_backend.available(platform):
+        return "pallas"
+    except ImportError:
+      pass
+  return "ragged_dot"
+
+
+def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, impl: str = "auto",
+                   preferred_element_type=None) -> jax.Array:
+  """out[i] = lhs[i] @ rhs[g(i)] where rows are grouped contiguously by ``group_sizes``.
+
+  lhs: [M, K]; rhs: [G, K, N]; group_sizes: [G] int32 with sum <= M (rows past the sum give zeros).
+  """
+  impl = resolve_impl(impl)
+  out_dtype = preferred_element_type or lhs.dtype
+  if impl == "reference":
+    return reference.gmm(lhs, rhs, group_sizes).astype(out_dtype)
+  if impl == "ragged_dot":
+    out = jax.lax.ragged_dot(lhs, rhs, group_sizes.astype(jnp.int32), preferred_element_type=jnp.float32)
+    return _zero_tail(out, group_sizes).astype(out_dtype)
+  from joyjax.kernels import pallas_backend
+  return pallas_backend.gmm(lhs, rhs, group_sizes, interpret=(impl == "pallas_interpret")).astype(out_dtype)
+
+
+def _zero_tail(out, group_sizes):
+  valid = jnp.arange(out.shape[0]) < jnp.sum(group_sizes)
+  return jnp.where(valid[:, None], out, 0)
+
+
+def permute(x: jax.Array, expert_ids: jax.Array, num_experts: int):
+  """Gathers token rows into expert-sorted order.
+
+  x: [T, H]; expert_ids: [T, k] int. Returns (x_sorted [T*k, H], group_sizes [E] int32, order [T*k]) where
+  ``order[j]`` is the flat (token * k + slot) index of sorted row j. Sorting is stable, so rows of one expert keep
+  token order.
+  """
+  flat = expert_ids.reshape(-1)
+  order = jnp.argsort(flat, stable=True)
+  k = expert_ids.shape[-1]
+  x_sorted = jnp.take(x, order // k, axis=0)
+  group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+  return x_sorted, group_sizes, order
+
+
+def unpermute(y_sorted: jax.Array, order: jax.Array, weights: jax.Array) -> jax.Array:
+  """Weighted combine back to token order, accumulated in float32.
+
+  y_sorted: [T*k, N]; order: from ``permute``; weights: [T, k]. Returns [T, N] float32:
+  out[t] = sum_s weights[t, s] * y[row of (t, s)].
+  """
+  t, k = weights.shape
+  inv = jnp.argsort(order)  # row of (t, s) in sorted order
+  y = jnp.take(y_sorted, inv, axis=0).astype(jnp.float32).reshape(t, k, -1)
+  return jnp.einsum("tkn,tk->tn", y, weights.astype(jnp.float32))

@@ -1,0 +1,104 @@
+"""Multi-head Latent Attention (MLA, DeepSeek-V2/V3).
+
+q = W_qb(norm(W_qa x)) (or a full-rank W_q); the keys and values come from a compressed latent
+c = norm(W_kva x)[:kv_lora] shared by all heads, plus one shared rotary key part k_rope. Training expands c into
+per-head keys and values; decoding keeps only (c, k_rope) in the cache and absorbs W_kvb into the query and the
+output ("absorbed" attention), which is the same function with far smaller memory per cached token.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from joyjax.model.layers import RMSNorm, apply_rope, param, rope_frequencies, softmax_scale
+
+NEG_INF = -1e30  # finite: a fully masked row never produces NaN
+
+
+class MLA(nnx.Module):
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs, dtype, param_dtype):
+    a = cfg.attention
+    h, std = cfg.hidden_size, cfg.init_std
+    self.num_heads = a.num_heads
+    self.nope, self.rope_dim, self.v_dim = a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim
+    self.kv_lora = a.kv_lora_rank
+    self.q_lora = a.q_lora_rank
+    self.dtype = dtype
+    qk = self.nope + self.rope_dim
+    if self.q_lora:
+      self.q_a = param(rngs, (h, self.q_lora), ("embed", "q_lora"), std=std, dtype=param_dtype)
+      self.q_a_norm = RMSNorm(self.q_lora, cfg.rms_norm_eps, "q_lora", param_dtype=param_dtype)
+      self.q_b = param(rngs, (self.q_lora, a.num_heads, qk), ("q_lora", "heads", "head_dim"), std=std,
+                       dtype=param_dtype)
+    else:
+      self.q = param(rngs, (h, a.num_heads, qk), ("embed", "heads", "head_dim"), std=std, dtype=param_dtype)
+    self.kv_a = param(rngs, (h, self.kv_lora + self.rope_dim), ("embed", "kv_lora"), std=std, dtype=param_dtype)
+    self.kv_a_norm = RMSNorm(self.kv_lora, cfg.rms_norm_eps, "kv_lora", param_dtype=param_dtype)
+    self.kv_b = param(rngs, (self.kv_lora, a.num_heads, self.nope + self.v_dim), ("kv_lora", "heads", "head_dim"),
+                      std=std, dtype=param_dtype)
+    self.o = param(rngs, (a.num_heads, self.v_dim, h), ("heads", "head_dim", "embed"), std=std, dtype=param_dtype)
+    inv_freq, self.rope_factor = rope_frequencies(cfg.rope, self.rope_dim)
+    self.inv_freq = tuple(float(f) for f in inv_freq)  # static: part of the graph definition
+    self.interleave = bool(cfg.rope.interleave)
+    self.scale = softmax_scale(a, cfg.rope)
+
+  def _w(self, p):
+    return p[...].astype(self.dtype)
+
+  def _project(self, x, positions):
+    """Queries (nope, rotated rope parts), the normed latent c and the rotated shared key part."""
+    if self.q_lora:
+      q = self.q_a_norm(x @ self._w(self.q_a))
+      q = jnp.einsum("bsr,rhd->bshd", q, self._w(self.q_b))
+    else:
+      q = jnp.einsum("bse,ehd->bshd", x, self._w(self.q))
+    q_nope, q_rope = q[..., :self.nope], q[..., self.nope:]
+    inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
+    q_rope = apply_rope(q_rope, positions, inv_freq, self.rope_factor, self.interleave)
+    kv = x @ self._w(self.kv_a)
+    c = self.kv_a_norm(kv[..., :self.kv_lora])
+    k_rope = apply_rope(kv[..., self.kv_lora:], positions, inv_freq, self.rope_factor, self.interleave)
+    return q_nope, q_rope, c, k_rope
+
+  def __call__(self, x, positions, segment_ids, cache=None):
+    """x: [b, s, embed]. Without a cache: causal attention within segments. With a cache (dict with
+    ``c`` [b, T, kv_lora], ``k_rope`` [b, T, rope], ``index`` scalar): writes this chunk at ``index`` and
+    attends to every cached position <= its own. Returns (out [b, s, embed], new cache or None)."""
+    q_nope, q_rope, c, k_rope = self._project(x, positions)
+    if cache is None:
+      return self._expanded(q_nope, q_rope, c, k_rope, segment_ids), None
+    return self._absorbed(q_nope, q_rope, c, k_rope, cache)
+
+  def _expanded(self, q_nope, q_rope, c, k_rope, segment_ids):
+    kv = jnp.einsum("bsc,chd->bshd", c, self._w(self.kv_b))
+    k_nope, v = kv[..., :self.nope], kv[..., self.nope:]
+    scores = (jnp.einsum("bqhd,bkhd->bhqk", q_nope, k_nope, preferred_element_type=jnp.float32)
+              + jnp.einsum("bqhd,bkd->bhqk", q_rope, k_rope, preferred_element_type=jnp.float32))
+    s = scores.shape[-1]
+    causal = jnp.tril(jnp.ones((s, s), bool))
+    same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
+    mask = (causal[None] & same_doc)[:, None]
+    probs = jax.nn.softmax(jnp.where(mask, scores * self.scale, NEG_INF), axis=-1)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
+    return jnp.einsum("bqhd,hde->bqe", out, self._w(self.o))
+
+  def _absorbed(self, q_nope, q_rope, c, k_rope, cache):
+    idx = cache["index"]
+    c_all = jax.lax.dynamic_update_slice_in_dim(cache["c"], c.astype(cache["c"].dtype), idx, axis=1)
+    kr_all = jax.lax.dynamic_update_slice_in_dim(cache["k_rope"], k_rope.astype(cache["k_rope"].dtype), idx, axis=1)
+    w_kb = self._w(self.kv_b)
+    w_uk, w_uv = w_kb[..., :self.nope], w_kb[..., self.nope:]
+    q_lat = jnp.einsum("bshd,chd->bshc", q_nope, w_uk)  # queries moved into the latent space
+    scores = (jnp.einsum("bshc,btc->bhst", q_lat, c_all.astype(self.dtype), preferred_element_type=jnp.float32)
+              + jnp.einsum("bshd,btd->bhst", q_rope, kr_all.astype(self.dtype), preferred_element_type=jnp.float32))
+    s, t = scores.shape[-2], scores.shape[-1]
+    q_pos = idx + jnp.arange(s)
+    mask = jnp.arange(t)[None, :] <= q_pos[:, None]
+    probs = jax.nn.softmax(jnp.where(mask[None, None], scores * self.scale, NEG_INF), axis=-1)
+    out_lat = jnp.einsum("bhst,btc->bshc", probs.astype(self.dtype), c_all.astype(self.dtype))
+    out = jnp.einsum("bshc,chd->bshd", out_lat, w_uv)
+    out = jnp.einsum("bshd,hde->bse", out, self._w(self.o))
+    return out, {"c": c_all, "k_rope": kr_all, "index": idx}

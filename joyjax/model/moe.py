@@ -1,0 +1,109 @@
+"""DeepSeek-V3 MoE: sigmoid router with aux-loss-free selection bias and group-limited top-k, a shared expert,
+and routed experts computed through the ``joyjax.kernels`` boundary (permute -> grouped matmul -> combine)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from joyjax import kernels
+from joyjax.model.layers import RouterBias, param
+
+
+class MLP(nnx.Module):
+  """SwiGLU MLP: down(silu(gate x) * up x). Used for dense layers and the shared expert."""
+
+  def __init__(self, hidden: int, inter: int, *, std: float, rngs: nnx.Rngs, dtype, param_dtype):
+    self.gate = param(rngs, (hidden, inter), ("embed", "mlp"), std=std, dtype=param_dtype)
+    self.up = param(rngs, (hidden, inter), ("embed", "mlp"), std=std, dtype=param_dtype)
+    self.down = param(rngs, (inter, hidden), ("mlp", "embed"), std=std, dtype=param_dtype)
+    self.dtype = dtype
+
+  def __call__(self, x):
+    d = self.dtype
+    h = jax.nn.silu(x @ self.gate[...].astype(d)) * (x @ self.up[...].astype(d))
+    return h @ self.down[...].astype(d)
+
+
+def route(logits: jax.Array, bias: jax.Array, *, top_k: int, n_group: int, topk_group: int,
+          scoring_func: str, norm_topk_prob: bool, routed_scaling_factor: float):
+  """DeepSeek-V3 routing in float32. logits: [T, E]. Returns (weights [T, k], expert ids [T, k], scores [T, E]).
+
+  The bias shifts which experts are chosen, never the weights they get.
+  """
+  logits = logits.astype(jnp.float32)
+  scores = jax.nn.sigmoid(logits) if scoring_func == "sigmoid" else jax.nn.softmax(logits, axis=-1)
+  choice = scores + bias.astype(jnp.float32)
+  t, e = choice.shape
+  if n_group > 1:
+    grouped = choice.reshape(t, n_group, e // n_group)
+    group_scores = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)  # [T, G]: sum of each group's best two
+    _, top_groups = jax.lax.top_k(group_scores, topk_group)
+    group_mask = jnp.zeros((t, n_group), bool).at[jnp.arange(t)[:, None], top_groups].set(True)
+    choice = jnp.where(jnp.repeat(group_mask, e // n_group, axis=1), choice, -jnp.inf)
+  _, ids = jax.lax.top_k(choice, top_k)
+  weights = jnp.take_along_axis(scores, ids, axis=-1)
+  if norm_topk_prob and top_k > 1:
+    weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+  return weights * routed_scaling_factor, ids, scores
+
+
+class MoE(nnx.Module):
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs, dtype, param_dtype):
+    e = cfg.moe
+    h, std = cfg.hidden_size, cfg.init_std
+    self.num_experts, self.top_k = e.num_experts, e.num_experts_per_tok
+    self.n_group, self.topk_group = e.n_group, e.topk_group
+    self.scoring_func, self.norm_topk_prob = e.scoring_func, bool(e.norm_topk_prob)
+    self.routed_scaling_factor = float(e.routed_scaling_factor)
+    self.impl = e.impl
+    self.dtype = dtype
+    # The router runs in float32 whatever the compute dtype: top-k over near-ties is precision sensitive.
+    self.router = param(rngs, (h, e.num_experts), ("embed", "expert"), std=std, dtype=param_dtype)
+    self.router_bias = RouterBias(jnp.zeros((e.num_experts,), jnp.float32), logical_axes=("expert",))
+    shape_in, shape_out = (e.num_experts, h, e.intermediate_size), (e.num_experts, e.intermediate_size, h)
+    self.wi_gate = param(rngs, shape_in, ("expert", "embed", "mlp"), std=std, dtype=param_dtype)
+    self.wi_up = param(rngs, shape_in, ("expert", "embed", "mlp"), std=std, dtype=param_dtype)
+    self.wo = param(rngs, shape_out, ("expert", "mlp", "embed"), std=std, dtype=param_dtype)
+    self.has_shared = bool(e.num_shared_experts)
+    if self.has_shared:
+      self.shared = MLP(h, e.intermediate_size * e.num_shared_experts, std=std, rngs=rngs, dtype=dtype,
+                        param_dtype=param_dtype)
+
+  def __call__(self, x):
+    """x: [b, s, embed] -> (out [b, s, embed], aux) with aux['expert_counts'] [E] (tokens routed to each
+    expert, for the bias update and load statistics) and aux['balance'] (the sequence-wise balance loss)."""
+    b, s, h = x.shape
+    flat = x.reshape(b * s, h)
+    logits = flat.astype(jnp.float32) @ self.router[...].astype(jnp.float32)
+    weights, ids, scores = route(logits, self.router_bias[...], top_k=self.top_k, n_group=self.n_group,
+                                 topk_group=self.topk_group, scoring_func=self.scoring_func,
+                                 norm_topk_prob=self.norm_topk_prob,
+                                 routed_scaling_factor=self.routed_scaling_factor)
+    routed = self.experts(flat, weights, ids)
+    out = routed.astype(x.dtype).reshape(b, s, h)
+    if self.has_shared:
+      out = out + self.shared(x)
+    counts = jnp.zeros((self.num_experts,), jnp.float32).at[ids.reshape(-1)].add(1.0)
+    return out, {"expert_counts": counts, "balance": self._balance(ids.reshape(b, s, -1), scores.reshape(b, s, -1))}
+
+  def experts(self, flat, weights, ids):
+    """Routed experts: [T, embed] -> [T, embed] float32, through the kernel boundary."""
+    d = self.dtype
+    x_sorted, group_sizes, order = kernels.permute(flat, ids, self.num_experts)
+    gate = kernels.grouped_matmul(x_sorted, self.wi_gate[...].astype(d), group_sizes, impl=self.impl)
+    up = kernels.grouped_matmul(x_sorted, self.wi_up[...].astype(d), group_sizes, impl=self.impl)
+    y = kernels.grouped_matmul(jax.nn.silu(gate) * up, self.wo[...].astype(d), group_sizes, impl=self.impl)
+    return kernels.unpermute(y, order, weights)
+
+  def _balance(self, ids, scores):
+    """DeepSeek-V3 sequence-wise balance loss, averaged over sequences: sum_i f_i * P_i with
+    f_i = E / (k * s) * (tokens of the sequence routed to i), P_i = mean over tokens of normalised scores."""
+    b, s, k = ids.shape
+    e = self.num_experts
+    onehot = jax.nn.one_hot(ids, e, dtype=jnp.float32).sum(axis=2)  # [b, s, E]
+    f = onehot.sum(axis=1) * (e / (k * s))
+    p = (scores / (jnp.sum(scores, axis=-1, keepdims=True) + 1e-20)).mean(axis=1)
+    return jnp.mean(jnp.sum(f * p, axis=-1))

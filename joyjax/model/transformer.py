@@ -1,0 +1,311 @@
+"""The whole model as pure functions over a params dict, built from Flax NNX modules via split/merge.
+
+params = {
+  'embed':        {'embedding': [vocab, embed]},
+  'dense_layers': Block params stacked over the first ``first_k_dense`` layers (leading 'layers' axis),
+  'moe_layers':   Block params stacked over the remaining layers,
+  'final_norm':   {'scale': [embed]},
+  'lm_head':      {'kernel': [embed, vocab]}          (absent when embeddings are tied),
+  'mtp':          MTP module params stacked over ``mtp.num_layers`` modules,
+}
+Stacks are run with ``lax.scan`` (compile time independent of depth) under the configured remat policy.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from joyjax.config import dtype_of
+from joyjax.model.attention import MLA
+from joyjax.model.layers import RMSNorm, param
+from joyjax.model.moe import MLP, MoE
+
+STACKS = ("dense_layers", "moe_layers", "mtp")
+
+
+class Embedding(nnx.Module):
+
+  def __init__(self, cfg, *, rngs, param_dtype):
+    self.embedding = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), std=cfg.init_std,
+                           dtype=param_dtype)
+
+
+class Head(nnx.Module):
+
+  def __init__(self, cfg, *, rngs, param_dtype):
+    self.kernel = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), std=cfg.init_std,
+                        dtype=param_dtype)
+
+
+class FinalNorm(nnx.Module):
+
+  def __init__(self, cfg, *, param_dtype):
+    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", param_dtype=param_dtype)
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder block: x + attn(norm(x)); then x + mlp(norm(x)) with a dense MLP or the MoE."""
+
+  def __init__(self, cfg, *, moe: bool, rngs: nnx.Rngs, dtype, param_dtype):
+    self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", param_dtype=param_dtype)
+    self.attn = MLA(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", param_dtype=param_dtype)
+    if moe:
+      self.mlp = MoE(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    else:
+      self.mlp = MLP(cfg.hidden_size, cfg.dense_intermediate_size, std=cfg.init_std, rngs=rngs, dtype=dtype,
+                     param_dtype=param_dtype)
+    self.is_moe = moe
+
+  def __call__(self, x, positions, segment_ids, cache=None):
+    h, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache)
+    x = x + h
+    if self.is_moe:
+      h, aux = self.mlp(self.mlp_norm(x))
+    else:
+      h, aux = self.mlp(self.mlp_norm(x)), {}
+    return x + h, aux, cache
+
+
+class MTPLayer(nnx.Module):
+  """DeepSeek-V3 multi-token prediction module k: h' = block(eh_proj([enorm(emb(t_{i+k})); hnorm(h_{i})])),
+  normed by its own final norm and read out by the shared head."""
+
+  def __init__(self, cfg, *, rngs, dtype, param_dtype):
+    h = cfg.hidden_size
+    self.enorm = RMSNorm(h, cfg.rms_norm_eps, "embed", param_dtype=param_dtype)
+    self.hnorm = RMSNorm(h, cfg.rms_norm_eps, "embed", param_dtype=param_dtype)
+    self.eh_proj = param(rngs, (2 * h, h), ("mtp_in", "embed"), std=cfg.init_std, dtype=param_dtype)
+    self.block = Block(cfg, moe=cfg.moe.num_experts > 0, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.final_norm = RMSNorm(h, cfg.rms_norm_eps, "embed", param_dtype=param_dtype)
+    self.dtype = dtype
+
+  def __call__(self, emb, hidden, positions, segment_ids):
+    x = jnp.concatenate([self.enorm(emb), self.hnorm(hidden)], axis=-1) @ self.eh_proj[...].astype(self.dtype)
+    x, aux, _ = self.block(x, positions, segment_ids)
+    return x, self.final_norm(x), aux
+
+
+# ------------------------------------------------------------------------------------------- structure
+
+
+def _model_cfg(cfg):
+  """Accepts the full config or its ``model`` group."""
+  return cfg.model if "model" in cfg else cfg
+
+
+def _key(cfg) -> str:
+  return _model_cfg(cfg).to_json()
+
+
+def stack_sizes(cfg) -> dict[str, int]:
+  m = _model_cfg(cfg)
+  return {"dense_layers": m.first_k_dense, "moe_layers": m.num_layers - m.first_k_dense, "mtp": m.mtp.num_layers}
+
+
+def _constructors(m):
+  dtype, pdtype = dtype_of(m.dtype), dtype_of(m.param_dtype)
+  ctors = {
+      "embed": lambda r: Embedding(m, rngs=r, param_dtype=pdtype),
+      "dense_layers": lambda r: Block(m, moe=False, rngs=r, dtype=dtype, param_dtype=pdtype),
+      "moe_layers": lambda r: Block(m, moe=True, rngs=r, dtype=dtype, param_dtype=pdtype),
+      "final_norm": lambda r: FinalNorm(m, param_dtype=pdtype),
+      "mtp": lambda r: MTPLayer(m, rngs=r, dtype=dtype, param_dtype=pdtype),
+  }
+  if not m.tie_embeddings:
+    ctors["lm_head"] = lambda r: Head(m, rngs=r, param_dtype=pdtype)
+  return ctors
+
+
+def _parts(m) -> dict:
+  sizes = stack_sizes(m)
+  return {k: v for k, v in _constructors(m).items() if sizes.get(k, 1) > 0}
+
+
+@functools.lru_cache(maxsize=64)
+def _abstract(key: str, name: str):
+  import ml_collections
+  m = ml_collections.ConfigDict(__import__("json").loads(key))
+  module = nnx.eval_shape(lambda: _constructors(m)[name](nnx.Rngs(0)))
+  return module
+
+
+def _merge(cfg, name: str, part: dict):
+  """The NNX module ``name`` with its parameters replaced by the arrays in ``part``."""
+  graphdef, state = nnx.split(_abstract(_key(cfg), name))
+  nnx.replace_by_pure_dict(state, part)
+  return nnx.merge(graphdef, state)
+
+
+def init(cfg, key: jax.Array) -> dict:
+  """Random parameters (a pure dict of arrays). Jit it with out_shardings to initialise already sharded."""
+  m = _model_cfg(cfg)
+  sizes = stack_sizes(m)
+  params = {}
+  for i, (name, ctor) in enumerate(_parts(m).items()):
+    k = jax.random.fold_in(key, i)
+
+    def make(k, ctor=ctor):
+      return nnx.to_pure_dict(nnx.state(ctor(nnx.Rngs(params=k))))
+
+    if name in STACKS:
+      params[name] = jax.vmap(make)(jax.random.split(k, sizes[name]))
+    else:
+      params[name] = make(k)
+  return params
+
+
+def logical_axes(cfg) -> dict:
+  """Logical axis names of every parameter, the same tree as ``init``; stacks get a leading 'layers'."""
+  m = _model_cfg(cfg)
+  out = {}
+  for name in _parts(m):
+    state = nnx.state(_abstract(_key(m), name))
+    names = jax.tree.map(lambda v: tuple(v.get_metadata()["logical_axes"]), state,
+                         is_leaf=lambda x: isinstance(x, nnx.Variable))
+    names = nnx.to_pure_dict(names) if isinstance(names, nnx.State) else names
+    if name in STACKS:
+      names = jax.tree.map(lambda t: ("layers",) + t, names, is_leaf=lambda x: isinstance(x, tuple))
+    out[name] = names
+  return out
+
+
+def abstract_params(cfg) -> dict:
+  """Shapes and dtypes of ``init(cfg, key)`` without allocating anything."""
+  return jax.eval_shape(lambda: init(cfg, jax.random.key(0)))
+
+
+# ------------------------------------------------------------------------------------------- forward
+
+
+def _remat(fn, policy: str):
+  if policy == "none":
+    return fn
+  policies = {
+      "full": None,
+      "dots": jax.checkpoint_policies.checkpoint_dots,
+      "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  }
+  return jax.checkpoint(fn, policy=policies[policy], prevent_cse=False)
+
+
+def _run_stack(cfg, name, stacked, x, positions, segment_ids, cache):
+  """Applies the stacked blocks ``name`` in order. Returns (x, stacked aux, stacked new cache)."""
+  m = _model_cfg(cfg)
+
+  def body(x, layer):
+    layer_params, layer_cache = layer
+    block = _merge(m, name, layer_params)
+    if layer_cache is not None:
+      layer_cache = dict(layer_cache, index=cache["index"])
+    x, aux, new_cache = block(x, positions, segment_ids, layer_cache)
+    if new_cache is not None:
+      new_cache = {"c": new_cache["c"], "k_rope": new_cache["k_rope"]}
+    return x, (aux, new_cache)
+
+  layer_caches = None if cache is None else cache[name]
+  if m.scan_layers:
+    body = _remat(body, m.remat if cache is None else "none")
+    x, (aux, new_cache) = jax.lax.scan(body, x, (stacked, layer_caches))
+    return x, aux, new_cache
+  n = jax.tree.leaves(stacked)[0].shape[0]
+  auxes, caches = [], []
+  for i in range(n):
+    sl = jax.tree.map(lambda a: a[i], (stacked, layer_caches))
+    x, (aux, c) = _remat(body, m.remat if cache is None else "none")(x, sl)
+    auxes.append(aux)
+    caches.append(c)
+  stack = lambda xs: jax.tree.map(lambda *a: jnp.stack(a), *xs) if xs and jax.tree.leaves(xs[0]) else xs[0]
+  return x, stack(auxes), (None if cache is None else stack(caches))
+
+
+def _shift_left(tokens, k):
+  return jnp.pad(tokens[:, k:], ((0, 0), (0, k)))
+
+
+def embed(cfg, params, tokens):
+  m = _model_cfg(cfg)
+  return jnp.take(params["embed"]["embedding"], tokens, axis=0).astype(dtype_of(m.dtype))
+
+
+def forward_hidden(cfg, params, tokens, *, positions=None, segment_ids=None, cache=None, with_mtp=False):
+  """Tokens [b, s] -> final-normed hidden [b, s, embed] (compute dtype), the MTP hiddens (one per module,
+  module k's position i predicting token i + k + 2 of ``tokens``), aux statistics and the new cache."""
+  m = _model_cfg(cfg)
+  b, s = tokens.shape
+  if positions is None:
+    start = 0 if cache is None else cache["index"]
+    positions = jnp.broadcast_to(start + jnp.arange(s, dtype=jnp.int32), (b, s))
+  if segment_ids is None:
+    segment_ids = jnp.ones((b, s), jnp.int32)
+  x = embed(m, params, tokens)
+  aux, new_cache = {}, None if cache is None else {}
+  for name in ("dense_layers", "moe_layers"):
+    if name in params:
+      x, aux[name], c = _run_stack(m, name, params[name], x, positions, segment_ids, cache)
+      if cache is not None:
+        new_cache[name] = c
+  if cache is not None:
+    new_cache["index"] = cache["index"] + s
+  hidden = _merge(m, "final_norm", params["final_norm"]).norm(x)
+  mtp_hidden = []
+  if with_mtp and "mtp" in params:
+    prev, mtp_aux = x, []
+    for k in range(m.mtp.num_layers):
+      layer = _merge(m, "mtp", jax.tree.map(lambda a: a[k], params["mtp"]))
+      emb = embed(m, params, _shift_left(tokens, k + 1))
+      prev, normed, a = layer(emb, prev, positions, segment_ids)
+      mtp_hidden.append(normed)
+      mtp_aux.append(a)
+    aux["mtp"] = jax.tree.map(lambda *a: jnp.stack(a), *mtp_aux)
+  return hidden, mtp_hidden, aux, new_cache
+
+
+def head_weights(cfg, params) -> jax.Array:
+  """[embed, vocab] output projection (the transposed embedding when tied)."""
+  m = _model_cfg(cfg)
+  return params["embed"]["embedding"].T if m.tie_embeddings else params["lm_head"]["kernel"]
+
+
+def logits_from_hidden(cfg, params, hidden) -> jax.Array:
+  w = head_weights(cfg, params).astype(hidden.dtype)
+  return jnp.einsum("bse,ev->bsv", hidden, w, preferred_element_type=jnp.float32)
+
+
+def forward(cfg, params, tokens, *, positions=None, segment_ids=None, return_mtp=False, return_aux=False):
+  """Float32 logits [b, s, vocab] (plus a list of MTP logits if ``return_mtp``, plus aux if ``return_aux``)."""
+  hidden, mtp_hidden, aux, _ = forward_hidden(cfg, params, tokens, positions=positions, segment_ids=segment_ids,
+                                              with_mtp=return_mtp)
+  out = (logits_from_hidden(cfg, params, hidden),)
+  if return_mtp:
+    out += ([logits_from_hidden(cfg, params, h) for h in mtp_hidden],)
+  if return_aux:
+    out += (aux,)
+  return out[0] if len(out) == 1 else out
+
+
+# -------------------------------------------------------------------------------------------- decode
+
+
+def init_cache(cfg, batch: int, max_len: int, dtype=jnp.float32) -> dict:
+  """The KV cache: MLA's compressed latent and shared rotary key per layer, not expanded keys/values."""
+  m = _model_cfg(cfg)
+  a = m.attention
+  sizes = stack_sizes(m)
+  cache = {"index": jnp.zeros((), jnp.int32)}
+  for name in ("dense_layers", "moe_layers"):
+    if sizes[name]:
+      cache[name] = {"c": jnp.zeros((sizes[name], batch, max_len, a.kv_lora_rank), dtype),
+                     "k_rope": jnp.zeros((sizes[name], batch, max_len, a.qk_rope_head_dim), dtype)}
+  return cache
+
+
+def decode_step(cfg, params, tokens, cache):
+  """Runs ``tokens`` [b, s] (a prompt chunk or one new token per row) against the cache.
+  Returns (float32 logits [b, s, vocab], new cache)."""
+  hidden, _, _, cache = forward_hidden(cfg, params, tokens, cache=cache)
+  return logits_from_hidden(cfg, params, hidden), cache
