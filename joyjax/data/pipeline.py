@@ -1,0 +1,241 @@
+"""The pretraining input pipeline: documents -> tokens -> packed rows -> per-process batches (grain).
+
+Order of operations and why:
+
+1. ``MapDataset.source(documents)``: random access, so shuffle and resume are by index, never by seeking.
+2. ``[process_index::process_count]``: each process reads only its own documents (disjoint, covering all).
+3. ``shuffle(data.seed)``: a seeded global permutation of this process's documents; each epoch is
+   reshuffled differently (grain folds the epoch into the seed).
+4. ``repeat(data.num_epochs or forever)``.
+5. ``map(tokenize)`` -> ``to_iter_dataset`` (threads read and tokenize ahead; ``None`` rows, i.e. skipped
+   malformed or blank ones, are dropped here).
+6. ``PackIterDataset`` (``packing.py``) -> ``to_example`` -> ``batch(per_process_batch, drop_remainder)``:
+   every batch has the same static shape, so the jitted step never recompiles.
+7. ``mp_prefetch(data.worker_count)`` when > 0: worker processes run steps 5-6 on interleaved slices.
+
+Iterator state (``DataIterator.get_state()``), a JSON-able dict; save it with the checkpoint
+(e.g. ``orbax.checkpoint.args.JsonSave``) and pass it back to ``set_state`` on resume::
+
+    {"version": 1,
+     "layout": {...},   # data settings the state is only valid for; set_state refuses a mismatch
+     "grain": {...}}    # grain's own iterator state: for worker_count=0,
+                        #   {"parent": {"next_index": <int>}, "offset": <int>}: the index (into this
+                        #   process's shuffled, repeated document sequence) of the next document to
+                        #   read, or of the document being split across rows with the token offset into it
+                        #   (-1 = none); for worker_count>0, grain's per-worker states.
+
+A restored iterator yields exactly the batches the uninterrupted one would have: the document order is a
+pure function of (data, seed, process slice) and the packer rebuilds its one partial document from
+the saved index and offset.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import numpy as np
+
+from joyjax.config import ConfigError
+from joyjax.data import corpus as _corpus
+from joyjax.data import packing
+from joyjax.data.sources import DataError, DocumentSource, files_fingerprint, open_source
+from joyjax.data.tokenizer import (
+    TRAIN_SAMPLE_BYTES,
+    Tokenizer,
+    cached_train_tokenizer,
+    check_vocab_fits,
+    load_tokenizer,
+)
+
+STATE_VERSION = 1
+_MAX_SAMPLE_DOCS = 100_000        # tokenizer training reads at most this many evenly spaced documents
+
+
+def open_corpus(config) -> DocumentSource:
+  """The documents of ``config.data``: the user's files, or the embedded corpus when ``data.path`` is ""."""
+  d = config.data
+  if not d.path:
+    path = _corpus.build_embedded_corpus(d.cache_dir)
+    return open_source(path, format="jsonl", text_key="text", skip_malformed=d.skip_malformed)
+  return open_source(d.path, format=d.format, text_key=d.text_key, skip_malformed=d.skip_malformed)
+
+
+def corpus_fingerprint(config, source: DocumentSource) -> str:
+  """Identity of the corpus for cache keys: file names, sizes and mtimes, and how they are read."""
+  d = config.data
+  if not d.path:  # the embedded corpus file name already keys python version, stdlib and cap
+    return "embedded:" + os.path.basename(source.files[0])
+  return f"{d.format}|{d.text_key}|" + files_fingerprint(source.files)
+
+
+def _sample_texts(source: DocumentSource, max_bytes: int = TRAIN_SAMPLE_BYTES):
+  """Evenly spaced documents, in index order, until ``max_bytes`` characters: deterministic, cheap."""
+  n = len(source)
+  step = max(1, n // _MAX_SAMPLE_DOCS)
+  total = 0
+  for i in range(0, n, step):
+    text = source[i]
+    if text is None:
+      continue
+    yield text
+    total += len(text)
+    if total >= max_bytes:
+      return
+
+
+def build_tokenizer(config, source: DocumentSource | None = None) -> Tokenizer:
+  """The tokenizer of ``config``: loaded from ``data.tokenizer``, or (when "") a byte-level BPE of
+  ``data.tokenizer_vocab_size`` trained on the corpus at first run and cached in ``data.cache_dir``.
+
+  Raises ConfigError naming ``model.vocab_size`` and the tokenizer key when the vocabulary does not fit.
+  """
+  d = config.data
+  if d.tokenizer:
+    tok = load_tokenizer(d.tokenizer)
+    check_vocab_fits(tok, config.model.vocab_size, source=f"'data.tokenizer' ({d.tokenizer})")
+    return tok
+  if d.tokenizer_vocab_size > config.model.vocab_size:  # before spending time on training
+    raise ConfigError(
+        f"config keys 'data.tokenizer_vocab_size' and 'model.vocab_size': data.tokenizer_vocab_size="
+        f"{d.tokenizer_vocab_size} is larger than model.vocab_size={config.model.vocab_size}; lower "
+        "data.tokenizer_vocab_size or raise model.vocab_size")
+  source = source if source is not None else open_corpus(config)
+  tok = cached_train_tokenizer(lambda: _sample_texts(source), vocab_size=d.tokenizer_vocab_size,
+                               cache_dir=d.cache_dir, fingerprint=corpus_fingerprint(config, source))
+  check_vocab_fits(tok, config.model.vocab_size,
+                   source=f"'data.tokenizer_vocab_size' ({d.tokenizer_vocab_size})")
+  return tok
+
+
+class Encode:
+  """Document text -> int32 token array with BOS / EOS per config (picklable for grain workers)."""
+
+  def __init__(self, tokenizer: Tokenizer, add_bos: bool, add_eos: bool):
+    self.tokenizer = tokenizer
+    self.prefix = [tokenizer.bos_id] if add_bos else []
+    self.suffix = [tokenizer.eos_id] if add_eos else []
+
+  def __call__(self, text: str) -> np.ndarray:
+    return np.asarray(self.prefix + self.tokenizer.encode(text) + self.suffix, dtype=np.int32)
+
+
+def _per_process_batch(config, process_count: int, batch_size: int | None) -> int:
+  if batch_size is not None:
+    if batch_size <= 0:
+      raise ValueError(f"batch_size must be positive, got {batch_size}")
+    return batch_size
+  global_batch = config.train.batch_size
+  if global_batch % process_count:
+    raise ConfigError(f"config key 'train.batch_size': {global_batch} sequences do not split evenly over "
+                      f"{process_count} processes; use a multiple of {process_count}")
+  return global_batch // process_count
+
+
+def _check_specials(config, tokenizer: Tokenizer) -> None:
+  for key, tid, kind in (("add_bos", tokenizer.bos_id, "BOS"), ("add_eos", tokenizer.eos_id, "EOS")):
+    if config.data[key] and tid is None:
+      raise ConfigError(f"config key 'data.{key}': the tokenizer ({tokenizer.origin}) has no {kind} token; "
+                        f"set data.{key}=False or use a tokenizer that defines one")
+
+
+def make_dataset(config, tokenizer: Tokenizer, *, process_index: int = 0, process_count: int = 1,
+                 batch_size: int | None = None, source: DocumentSource | None = None) -> grain.IterDataset:
+  """The grain ``IterDataset`` of batches (see module docstring); ``make_iterator`` wraps its iterator."""
+  d = config.data
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
+  _check_specials(config, tokenizer)
+  if d.num_epochs < 0:
+    raise ConfigError(f"config key 'data.num_epochs': must be >= 0 (0 = repeat forever), got {d.num_epochs}")
+  batch = _per_process_batch(config, process_count, batch_size)
+  source = source if source is not None else open_corpus(config)
+  ds = grain.MapDataset.source(source)[process_index::process_count]
+  if len(ds) == 0:
+    raise DataError(f"process {process_index} of {process_count} has no documents: data.path "
+                    f"({d.path or 'embedded corpus'}) has {len(source)} rows")
+  if d.shuffle:
+    ds = ds.shuffle(seed=d.seed % 2**32)
+  ds = ds.repeat(None if d.num_epochs == 0 else d.num_epochs)
+  ds = ds.map(Encode(tokenizer, d.add_bos, d.add_eos))
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=8, prefetch_buffer_size=128))
+  it = packing.PackIterDataset(it, row_len=d.seq_len + 1, pad_id=tokenizer.pad_id)
+  it = it.map(packing.to_example)
+  it = it.batch(batch, drop_remainder=True)
+  if d.worker_count > 0:
+    # grain's worker processes read absl flags; outside absl.app.run nothing has parsed them.
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.worker_count))
+  return it
+
+
+def _layout(config, tokenizer, source, process_index, process_count, batch) -> dict[str, Any]:
+  d = config.data
+  return {
+      "path": d.path or "embedded:" + os.path.basename(source.files[0]),
+      "format": d.format, "text_key": d.text_key, "documents": len(source),
+      "seq_len": d.seq_len, "shuffle": d.shuffle, "seed": d.seed, "num_epochs": d.num_epochs,
+      "add_bos": d.add_bos, "add_eos": d.add_eos, "worker_count": d.worker_count,
+      "tokenizer": tokenizer.fingerprint[:16],
+      "process_index": process_index, "process_count": process_count, "batch_size": batch,
+  }
+
+
+class DataIterator(grain.DatasetIterator):
+  """Batches ``{'inputs','targets','segment_ids','positions','loss_mask'}``, int32 ``[batch, seq_len]``.
+
+  ``get_state()`` / ``set_state(state)``: see the module docstring for the format. ``metrics()`` returns
+  counters for logging (``data/skipped_malformed``: rows skipped in this process so far).
+  """
+
+  def __init__(self, inner: grain.DatasetIterator, *, layout: dict[str, Any], source: DocumentSource):
+    super().__init__(inner)
+    self.layout = layout
+    self.source = source
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = next(self._parent)
+    # With worker processes grain hands over shared-memory arrays; copy them out so the segments are
+    # released now rather than at interpreter exit (where grain's cleanup prints errors).
+    return {k: v if type(v) is np.ndarray else np.array(v, copy=True) for k, v in batch.items()}
+
+  def get_state(self) -> dict[str, Any]:
+    return {"version": STATE_VERSION, "layout": dict(self.layout), "grain": self._parent.get_state()}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION or "grain" not in state:
+      raise DataError(f"data iterator state is not a joyjax v{STATE_VERSION} state (got keys "
+                      f"{sorted(state) if isinstance(state, dict) else type(state).__name__})")
+    saved = state.get("layout", {})
+    diff = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in self.layout.items() if saved.get(k) != v]
+    if diff:
+      raise DataError("the saved data iterator state does not match the current data settings ("
+                      + "; ".join(diff) + "). Exact resume needs the same data, tokenizer, data.* keys, "
+                      "batch size and process count; restore those, or restart without the data state "
+                      "to continue with a new data order")
+    self._parent.set_state(state["grain"])
+
+  def metrics(self) -> dict[str, int]:
+    return self.source.metrics()
+
+  def __str__(self) -> str:
+    return "joyjax.DataIterator"
+
+
+def make_iterator(config, tokenizer: Tokenizer, *, process_index: int = 0, process_count: int = 1,
+                  batch_size: int | None = None) -> DataIterator:
+  """The checkpointable batch iterator of this process.
+
+  ``batch_size`` is per process; ``None`` = ``train.batch_size // process_count``. Yields dicts of int32
+  numpy arrays ``[batch, data.seq_len]``; ends after ``data.num_epochs`` epochs (0 = never), dropping the
+  last partial batch.
+  """
+  source = open_corpus(config)
+  ds = make_dataset(config, tokenizer, process_index=process_index, process_count=process_count,
+                    batch_size=batch_size, source=source)
+  batch = _per_process_batch(config, process_count, batch_size)
+  layout = _layout(config, tokenizer, source, process_index, process_count, batch)
+  return DataIterator(ds.__iter__(), layout=layout, source=source)
