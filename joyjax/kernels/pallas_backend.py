@@ -1,0 +1,318 @@
+"""Pallas grouped matmul behind ``ops.grouped_matmul(impl='pallas' | 'pallas_interpret')``: dispatch, padding, VJPs.
+
+Public entry points (all differentiable in lhs and rhs; ``group_sizes`` gets no gradient):
+
+* ``gmm(lhs [M, K], rhs [G, K, N], group_sizes [G]) -> [M, N]``: ``out[rows of g] = lhs[rows of g] @ rhs[g]``.
+  Rows are grouped contiguously in order; rows past ``sum(group_sizes)`` give zeros (and zero gradient).
+  VJP: ``d_lhs = gmm(d_out, rhs^T)`` (the transpose is read in-kernel, never materialised) and
+  ``d_rhs = tgmm(lhs, d_out)``.
+* ``tgmm(lhs [M, K], dout [M, N], group_sizes [G]) -> [G, K, N]``: ``out[g] = lhs[rows of g].T @ dout[rows of g]``.
+* ``gmm_swiglu(lhs, rhs_gate, rhs_up, group_sizes) -> [M, F]``: ``silu(lhs @ gate) * (lhs @ up)`` with the SwiGLU in
+  the kernel epilogue (one pass, no [M, 2F] intermediate in HBM). Its VJP recomputes gate/up in one dual-output
+  kernel, and computes ``d_lhs = d_gate @ gate^T + d_up @ up^T`` in one kernel.
+
+Backends: ``gpu`` = the kernels in ``pallas_gpu`` (Triton lowering; also what ``interpret=True`` runs by default on
+CPU), ``tpu`` = JAX's megablox kernels (``pallas_tpu``). Accumulation is float32; outputs take ``lhs.dtype``
+(gradients take their primal's dtype). Operands are zero-padded inside the wrapper so M, K and N are tile multiples:
+a K that is not a tile multiple is therefore exact (padded columns contribute 0), never masked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from joyjax.kernels import pallas_gpu, pallas_tpu
+
+_log = logging.getLogger(__name__)
+
+BACKENDS = ("gpu", "tpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+  """Tile sizes. ``gmm`` = (tm rows, tk contraction, tn output columns) for the forward and ``d_lhs`` kernels;
+  ``tgmm`` = (tm rows (the contraction there), tk, tn) for ``d_rhs``. GPU tiles must be powers of two (>= 16).
+  ``num_warps`` / ``num_stages`` are Triton settings (ignored on TPU and in interpret mode). Tiles larger than a
+  (power-of-two-rounded) dimension are shrunk to it.
+  """
+  gmm: tuple[int, int, int] = (128, 64, 128)
+  tgmm: tuple[int, int, int] = (128, 128, 128)
+  num_warps: int | None = 4
+  num_stages: int | None = 4
+  tgmm_num_warps: int | None = 4
+  tgmm_num_stages: int | None = 3
+
+
+GPU_TILING = Tiling()
+TPU_TILING = Tiling(gmm=(128, 128, 128), tgmm=(128, 128, 128))
+INTERPRET_TILING = Tiling(gmm=(16, 16, 16), tgmm=(16, 16, 16))
+
+
+def as_tiling(tiling) -> Tiling | None:
+  """``None``, a ``Tiling``, or a 3-tuple (tm, tk, tn) used for both gmm and tgmm."""
+  if tiling is None or isinstance(tiling, Tiling):
+    return tiling
+  t = tuple(int(x) for x in tiling)
+  if len(t) != 3:
+    raise ValueError(f"tiling must be a Tiling or a (tm, tk, tn) tuple, got {tiling!r}")
+  return dataclasses.replace(GPU_TILING, gmm=t, tgmm=t)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cfg:
+  backend: str
+  interpret: bool
+  tiling: Tiling
+
+
+def _make_cfg(interpret: bool, tiling, backend: str | None) -> _Cfg:
+  if backend is None:
+    backend = "tpu" if (not interpret and jax.default_backend() == "tpu") else "gpu"
+  if backend not in BACKENDS:
+    raise ValueError(f"unknown pallas backend {backend!r}; choose one of {BACKENDS}")
+  tiling = as_tiling(tiling)
+  if tiling is None:
+    tiling = INTERPRET_TILING if interpret else (TPU_TILING if backend == "tpu" else GPU_TILING)
+  return _Cfg(backend=backend, interpret=bool(interpret), tiling=tiling)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Availability (used by ops.resolve_impl('auto')).
+
+def available(platform: str) -> bool:
+  """Whether the compiled Pallas kernels can serve ``platform`` here (checked once by compiling a tiny problem)."""
+  platform = (platform or "").lower()
+  if platform in ("gpu", "cuda"):
+    return _smoke_test("gpu")
+  if platform == "tpu":
+    return pallas_tpu.available() and _smoke_test("tpu")
+  return False
+
+
+@functools.lru_cache(maxsize=None)
+def _smoke_test(backend: str) -> bool:
+  try:
+    if backend == "gpu":
+      from jax.experimental.pallas import triton  # noqa: F401
+      dev = jax.devices("gpu")[0]
+      cc = getattr(dev, "compute_capability", None)
+      if cc is None or float(cc) < 8.0:  # bf16 tensor cores; also excludes ROCm (no compute_capability)
+        return False
+    rng = np.random.default_rng(0)
+    lhs = jnp.asarray(rng.standard_normal((256, 128)), jnp.bfloat16)
+    rhs = jnp.asarray(rng.standard_normal((3, 128, 128)), jnp.bfloat16)
+    gs = jnp.asarray([100, 0, 120], jnp.int32)
+    out = np.asarray(jax.jit(functools.partial(gmm, backend=backend))(lhs, rhs, gs), np.float32)
+    l32, r32 = np.asarray(lhs, np.float32), np.asarray(rhs, np.float32)
+    want = np.zeros((256, 128), np.float32)
+    want[:100] = l32[:100] @ r32[0]
+    want[100:220] = l32[100:220] @ r32[2]
+    ok = np.allclose(out, want, rtol=2e-2, atol=2e-1)
+    if not ok:
+      _log.warning("pallas %s grouped matmul gave wrong results in its self-test; not using it", backend)
+    return bool(ok)
+  except Exception as e:  # noqa: BLE001 - any failure means "not available"
+    _log.warning("pallas %s grouped matmul unavailable: %s: %s", backend, type(e).__name__, e)
+    return False
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Padding and tile fitting.
+
+def _next_pow2(x: int) -> int:
+  return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def _fit(tile: int, dim: int, cfg: _Cfg) -> int:
+  if cfg.backend == "gpu":
+    if tile < 16 and not cfg.interpret:
+      raise ValueError(f"GPU tiles must be >= 16, got {tile}")
+    if tile & (tile - 1) and not cfg.interpret:
+      raise ValueError(f"GPU (Triton) tiles must be powers of two, got {tile}")
+    return min(tile, max(16, _next_pow2(dim)))
+  return min(tile, _round_up(max(dim, 1), 128 if not cfg.interpret else 8))
+
+
+def _pad(x: jax.Array, multiples: Sequence[int | None]) -> jax.Array:
+  pads = [(0, 0 if m is None else (-d) % m) for d, m in zip(x.shape, multiples)]
+  if any(p for _, p in pads):
+    x = jnp.pad(x, pads)
+  return x
+
+
+def _precision(dtype):
+  # float32 inputs: full-precision dots (Triton IEEE, not TF32). bf16/f16: the native tensor-core path.
+  return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def _check(lhs, rhs, group_sizes, transpose_rhs):
+  if lhs.ndim != 2 or rhs.ndim != 3:
+    raise ValueError(f"expected lhs [M, K] and rhs [G, K, N]; got {lhs.shape} and {rhs.shape}")
+  k = rhs.shape[2] if transpose_rhs else rhs.shape[1]
+  if lhs.shape[1] != k:
+    raise ValueError(f"contraction mismatch: lhs {lhs.shape} vs rhs {rhs.shape} (transpose_rhs={transpose_rhs})")
+  if group_sizes.shape != (rhs.shape[0],):
+    raise ValueError(f"group_sizes must have shape ({rhs.shape[0]},), got {group_sizes.shape}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Non-differentiable implementations (padded, dispatched per backend).
+
+_EPILOGUES = {"identity": pallas_gpu.identity_epilogue, "swiglu": pallas_gpu.swiglu_epilogue}
+
+
+def _gmm_impl(lhs: Sequence[jax.Array], rhs: Sequence[jax.Array], group_sizes: jax.Array, cfg: _Cfg, *,
+              transpose_rhs: bool = False, epilogue: str = "identity", out_dtypes: Sequence) -> tuple[jax.Array, ...]:
+  """Unpadded entry: lhs list of [M, K], rhs list of [G, K, N] (or [G, N, K]) -> outputs [M, N]."""
+  m, k = lhs[0].shape
+  n = rhs[0].shape[1] if transpose_rhs else rhs[0].shape[2]
+  dtype = jnp.result_type(*lhs, *rhs)
+  tm, tk, tn = (_fit(t, d, cfg) for t, d in zip(cfg.tiling.gmm, (m, k, n)))
+  lhs_p = [_pad(x.astype(dtype), (tm, tk)) for x in lhs]
+  rhs_p = [_pad(r.astype(dtype), (None, tn, tk) if transpose_rhs else (None, tk, tn)) for r in rhs]
+  mp = lhs_p[0].shape[0]
+  offsets = pallas_gpu.group_offsets(group_sizes, m)
+
+  if cfg.backend == "gpu":
+    outs = pallas_gpu.gmm(
+        lhs_p, rhs_p, offsets, tiling=(tm, tk, tn), out_dtypes=out_dtypes, transpose_rhs=transpose_rhs,
+        epilogue=_EPILOGUES[epilogue], precision=_precision(dtype), num_warps=cfg.tiling.num_warps,
+        num_stages=cfg.tiling.num_stages, interpret=cfg.interpret)
+  else:
+    sizes = jnp.diff(offsets)
+    accs = [pallas_tpu.gmm(lhs_p[0 if len(lhs_p) == 1 else i], r, sizes, tiling=(tm, tk, tn),
+                           out_dtype=jnp.float32, transpose_rhs=transpose_rhs, interpret=cfg.interpret)
+            for i, r in enumerate(rhs_p)]
+    if len(lhs_p) > 1:
+      accs = [functools.reduce(jnp.add, accs)]
+    valid = (jnp.arange(mp) < offsets[-1])[:, None]  # megablox leaves rows past the groups unwritten
+    accs = [jnp.where(valid, a, 0.0) for a in accs]
+    outs = tuple(o.astype(d) for o, d in zip(_EPILOGUES[epilogue](*accs), out_dtypes))
+  return tuple(o[:m, :n] for o in outs)
+
+
+def _tgmm_impl(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, cfg: _Cfg, *, out_dtype) -> jax.Array:
+  """Unpadded entry: lhs [M, K], dout [M, N] -> [G, K, N]."""
+  m, k = lhs.shape
+  n = dout.shape[1]
+  g = group_sizes.shape[0]
+  dtype = jnp.result_type(lhs, dout)
+  tm, tk, tn = (_fit(t, d, cfg) for t, d in zip(cfg.tiling.tgmm, (m, k, n)))
+  lhs_p = _pad(lhs.astype(dtype), (tm, tk))
+  dout_p = _pad(dout.astype(dtype), (tm, tn))
+  offsets = pallas_gpu.group_offsets(group_sizes, m)
+  if cfg.backend == "gpu":
+    out = pallas_gpu.tgmm(lhs_p, dout_p, offsets, num_groups=g, tiling=(tm, tk, tn), out_dtype=out_dtype,
+                          precision=_precision(dtype), num_warps=cfg.tiling.tgmm_num_warps,
+                          num_stages=cfg.tiling.tgmm_num_stages, interpret=cfg.interpret)
+  else:
+    out = pallas_tpu.tgmm(lhs_p, dout_p, jnp.diff(offsets), tiling=(tm, tk, tn), out_dtype=out_dtype,
+                          interpret=cfg.interpret)
+  return out[:, :k, :n]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# gmm with custom VJP.
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _gmm_vjp(lhs, rhs, group_sizes, cfg: _Cfg, transpose_rhs: bool):
+  return _gmm_impl([lhs], [rhs], group_sizes, cfg, transpose_rhs=transpose_rhs, out_dtypes=[lhs.dtype])[0]
+
+
+def _gmm_vjp_fwd(lhs, rhs, group_sizes, cfg, transpose_rhs):
+  return _gmm_vjp(lhs, rhs, group_sizes, cfg, transpose_rhs), (lhs, rhs, group_sizes)
+
+
+def _gmm_vjp_bwd(cfg, transpose_rhs, res, dout):
+  lhs, rhs, group_sizes = res
+  # out = lhs @ W_g with W_g = rhs[g] (or rhs[g].T). d_lhs = dout @ W_g^T: the same kernel reading rhs the other way.
+  d_lhs = _gmm_impl([dout], [rhs], group_sizes, cfg, transpose_rhs=not transpose_rhs, out_dtypes=[lhs.dtype])[0]
+  if transpose_rhs:  # rhs[g] = W_g^T: d rhs[g] = dout_g^T @ lhs_g
+    d_rhs = _tgmm_impl(dout, lhs, group_sizes, cfg, out_dtype=rhs.dtype)
+  else:
+    d_rhs = _tgmm_impl(lhs, dout, group_sizes, cfg, out_dtype=rhs.dtype)
+  return d_lhs, d_rhs, None
+
+
+_gmm_vjp.defvjp(_gmm_vjp_fwd, _gmm_vjp_bwd)
+
+
+def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, interpret: bool = False, *, tiling=None,
+        backend: str | None = None, transpose_rhs: bool = False) -> jax.Array:
+  """Grouped matmul ``[M, K] x [G, K, N] -> [M, N]`` (``rhs`` [G, N, K] with ``transpose_rhs``), dtype of ``lhs``.
+
+  interpret: run the kernels in the Pallas interpreter (CPU tests). tiling: ``Tiling`` or (tm, tk, tn).
+  backend: ``'gpu'`` (Triton-lowered kernels; the interpreter default) or ``'tpu'`` (megablox); default by platform.
+  """
+  group_sizes = jnp.asarray(group_sizes).astype(jnp.int32)
+  _check(lhs, rhs, group_sizes, transpose_rhs)
+  return _gmm_vjp(lhs, rhs, group_sizes, _make_cfg(interpret, tiling, backend), bool(transpose_rhs))
+
+
+def tgmm(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, interpret: bool = False, *, tiling=None,
+         backend: str | None = None, preferred_element_type=None) -> jax.Array:
+  """Transposed grouped matmul: ``out[g] = lhs[rows of g].T @ dout[rows of g]``, [M, K] x [M, N] -> [G, K, N].
+
+  Float32 accumulation; output dtype ``preferred_element_type`` (default ``lhs.dtype``). Not differentiable.
+  """
+  group_sizes = jnp.asarray(group_sizes).astype(jnp.int32)
+  if lhs.ndim != 2 or dout.ndim != 2 or lhs.shape[0] != dout.shape[0]:
+    raise ValueError(f"expected lhs [M, K] and dout [M, N]; got {lhs.shape} and {dout.shape}")
+  return _tgmm_impl(lhs, dout, group_sizes, _make_cfg(interpret, tiling, backend),
+                    out_dtype=preferred_element_type or lhs.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Fused gate/up + SwiGLU.
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _swiglu_vjp(lhs, rhs_gate, rhs_up, group_sizes, cfg: _Cfg):
+  return _gmm_impl([lhs], [rhs_gate, rhs_up], group_sizes, cfg, epilogue="swiglu", out_dtypes=[lhs.dtype])[0]
+
+
+def _swiglu_vjp_fwd(lhs, rhs_gate, rhs_up, group_sizes, cfg):
+  return _swiglu_vjp(lhs, rhs_gate, rhs_up, group_sizes, cfg), (lhs, rhs_gate, rhs_up, group_sizes)
+
+
+def _swiglu_vjp_bwd(cfg, res, dout):
+  lhs, rhs_gate, rhs_up, group_sizes = res
+  # Recompute the pre-activations (one kernel, two accumulators) instead of keeping [M, 2F] alive from the forward.
+  gate, up = _gmm_impl([lhs], [rhs_gate, rhs_up], group_sizes, cfg, out_dtypes=[lhs.dtype, lhs.dtype])
+  gate, up, d = gate.astype(jnp.float32), up.astype(jnp.float32), dout.astype(jnp.float32)
+  sig = jax.nn.sigmoid(gate)
+  silu = gate * sig
+  d_up = (d * silu).astype(lhs.dtype)
+  d_gate = (d * up * sig * (1.0 + gate * (1.0 - sig))).astype(lhs.dtype)
+  # d_lhs = d_gate @ gate_w^T + d_up @ up_w^T in a single kernel (one accumulator over both pairs).
+  d_lhs = _gmm_impl([d_gate, d_up], [rhs_gate, rhs_up], group_sizes, cfg, transpose_rhs=True,
+                    out_dtypes=[lhs.dtype])[0]
+  d_gate_w = _tgmm_impl(lhs, d_gate, group_sizes, cfg, out_dtype=rhs_gate.dtype)
+  d_up_w = _tgmm_impl(lhs, d_up, group_sizes, cfg, out_dtype=rhs_up.dtype)
+  return d_lhs, d_gate_w, d_up_w, None
+
+
+_swiglu_vjp.defvjp(_swiglu_vjp_fwd, _swiglu_vjp_bwd)
+
+
+def gmm_swiglu(lhs: jax.Array, rhs_gate: jax.Array, rhs_up: jax.Array, group_sizes: jax.Array,
+               interpret: bool = False, *, tiling=None, backend: str | None = None) -> jax.Array:
+  """``silu(gmm(lhs, rhs_gate)) * gmm(lhs, rhs_up)`` with the SwiGLU fused into the kernel epilogue.
+
+  lhs [M, K]; rhs_gate, rhs_up [G, K, F]; returns [M, F] in ``lhs.dtype`` (rows past the groups are zero).
+  """
+  group_sizes = jnp.asarray(group_sizes).astype(jnp.int32)
+  _check(lhs, rhs_gate, group_sizes, False)
+  if rhs_up.shape != rhs_gate.shape:
+    raise ValueError(f"rhs_gate {rhs_gate.shape} and rhs_up {rhs_up.shape} must have the same shape")
+  return _swiglu_vjp(lhs, rhs_gate, rhs_up, group_sizes, _make_cfg(interpret, tiling, backend))
