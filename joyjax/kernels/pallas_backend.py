@@ -48,6 +48,7 @@ class Tiling:
   num_stages: int | None = 4
   tgmm_num_warps: int | None = 4
   tgmm_num_stages: int | None = 3
+  fused_num_warps: int | None = 8  # kernels with two accumulators (SwiGLU fwd, its recompute): halve regs/thread
 
 
 GPU_TILING = Tiling()
@@ -187,7 +188,8 @@ def _gmm_impl(lhs: Sequence[jax.Array], rhs: Sequence[jax.Array], group_sizes: j
   if cfg.backend == "gpu":
     outs = pallas_gpu.gmm(
         lhs_p, rhs_p, offsets, tiling=(tm, tk, tn), out_dtypes=out_dtypes, transpose_rhs=transpose_rhs,
-        epilogue=_EPILOGUES[epilogue], precision=_precision(dtype), num_warps=cfg.tiling.num_warps,
+        epilogue=_EPILOGUES[epilogue], precision=_precision(dtype),
+        num_warps=cfg.tiling.num_warps if len(lhs_p) == len(rhs_p) else cfg.tiling.fused_num_warps,
         num_stages=cfg.tiling.num_stages, interpret=cfg.interpret)
   else:
     sizes = jnp.diff(offsets)

@@ -9,7 +9,8 @@ Tiling of the row dimension (megablox-style metadata, computed in plain JAX befo
 * ``lo``, ``hi`` [tiles_m]: the groups that may intersect row tile i are ``lo[i] <= g < hi[i]``.
 
 ``gmm``: one program per output tile (row tile i, column tile j). It loops over the groups intersecting its rows; for
-each non-empty one it runs the K loop against that group's weights and keeps only the rows of that group. Every
+each non-empty one it runs the K loop against that group's weights, loading ``lhs`` with a row mask so rows of other
+groups read as zero and only this group's rows accumulate (one float32 accumulator for all groups). Every
 output element is written exactly once, by one program, with a plain store: no races between programs that share a
 row tile at a group boundary, rows of no group (past ``sum(group_sizes)``) come out as zeros, and an empty group costs
 nothing. Work is ``tiles_m + (number of group boundaries inside tiles)`` row-tile passes, as in megablox.
@@ -102,11 +103,16 @@ def _gmm_kernel(offsets_ref, lo_ref, hi_ref, *refs, n_lhs: int, n_rhs: int, tm: 
   def group_body(g, accs):
     start = offsets_ref[g]
     end = offsets_ref[g + 1]
-    trip = jnp.where(end > start, num_k, 0)  # empty group: no K loop at all
+    # Empty group: no K loop at all. Integer arithmetic, not jnp.where: a select of two constants lowers to an i1
+    # loop bound in Triton IR, which fails verification.
+    trip = jnp.clip(end - start, 0, 1) * num_k
+    # Rows of other groups read as zero, so this group's products land only on its own rows and one accumulator
+    # (per rhs) carries through both loops: no second [tm, tn] tile live in registers, no select afterwards.
+    in_group = (rows >= start) & (rows < end)
 
-    def k_body(kk, parts):
+    def k_body(kk, accs):
       k0 = pl.multiple_of(kk * tk, tk)
-      lhs_tiles = [ref[pl.ds(row0, tm), pl.ds(k0, tk)] for ref in lhs_refs]
+      lhs_tiles = [_masked_load(ref.at[pl.ds(row0, tm), pl.ds(k0, tk)], in_group) for ref in lhs_refs]
       prods = []
       for r, rhs_ref in enumerate(rhs_refs):
         a = lhs_tiles[0 if n_lhs == 1 else r]
@@ -116,11 +122,9 @@ def _gmm_kernel(offsets_ref, lo_ref, hi_ref, *refs, n_lhs: int, n_rhs: int, tm: 
           prods.append(_dot(a, rhs_ref[g, pl.ds(k0, tk), pl.ds(col0, tn)], _DOT_NN, precision))
       if n_acc == 1:
         prods = [functools.reduce(lambda x, y: x + y, prods)]
-      return tuple(part + prod for part, prod in zip(parts, prods))
+      return tuple(acc + prod for acc, prod in zip(accs, prods))
 
-    parts = lax.fori_loop(0, trip, k_body, zeros)
-    in_group = (rows >= start) & (rows < end)
-    return tuple(acc + jnp.where(in_group, part, 0.0) for acc, part in zip(accs, parts))
+    return lax.fori_loop(0, trip, k_body, accs)
 
   accs = lax.fori_loop(lo_ref[i], hi_ref[i], group_body, zeros)
   outs = epilogue(*accs)
@@ -182,7 +186,7 @@ def _tgmm_kernel(offsets_ref, lhs_ref, dout_ref, out_ref, *, tm: int, tk: int, t
   start = offsets_ref[g]
   end = offsets_ref[g + 1]
   t_lo = start // tm
-  t_hi = jnp.where(end > start, (end + tm - 1) // tm, t_lo)
+  t_hi = t_lo + jnp.clip(end - start, 0, 1) * ((end + tm - 1) // tm - t_lo)  # empty group: no iterations
   k0 = pl.multiple_of(kt * tk, tk)
   n0 = pl.multiple_of(j * tn, tn)
 
