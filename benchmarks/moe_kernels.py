@@ -1,21 +1,22 @@
-"""MoE grouped-matmul kernels and the whole routed-expert layer: our Pallas gmm vs jax.lax.ragged_dot vs tokamax.
+"""MoE grouped matmul and the whole routed-expert layer: our Pallas gmm vs jax.lax.ragged_dot vs tokamax.
 
-Default shape is JoyAI's: 16384 tokens, top-8 of 256 experts (131072 routed rows), hidden 2048, expert width 768,
-bf16. Rows (per backend):
+Default shape is JoyAI's: 16384 tokens, top-8 of 256 experts (131072 routed rows), hidden 2048, expert width
+768, bf16. Rows (per backend):
 
   gmm gate+up fwd        lhs [R, H] x rhs [E, H, 2W]
   gmm gate+up fwd+bwd    the same plus d_lhs and d_rhs
-  layer fwd              router (sigmoid, top-k) + permute + gate/up gmm + SwiGLU + down gmm + weighted unpermute
+  layer fwd              router (sigmoid, top-k) + permute + gate/up gmm + SwiGLU + down gmm
+                         + weighted unpermute
   layer fwd+bwd          the same plus gradients for x and all expert weights
   einsum (ceiling)       balanced batched einsum of the same FLOPs, [E, R/E, H] x [E, H, 2W]
 
 TFLOP/s count routed FLOPs only: 2*R*K*N per gmm, x3 for fwd+bwd (the router and the elementwise work are not
-counted). Each number is the median of --iters timed runs after warm-up, each ended by block_until_ready. Failures
-(OOM, compile errors) are reported in the table, not raised.
+counted). Each number is the median of --iters timed runs after warm-up, each ended by block_until_ready.
+Failures (OOM, compile errors) are reported in the table, not raised.
 
-  python benchmarks/moe_kernels.py                                   # H100, JoyAI shape
-  python benchmarks/moe_kernels.py --sweep                            # + a few gmm tilings for the Pallas kernel
-  python benchmarks/moe_kernels.py --tokens 256 --hidden 64 --width 32 --experts 8 --topk 2 --iters 2   # CPU smoke
+  python benchmarks/moe_kernels.py            # H100, JoyAI shape
+  python benchmarks/moe_kernels.py --sweep    # + a few gmm / tgmm tilings for the Pallas kernels
+  python benchmarks/moe_kernels.py --tokens 256 --hidden 64 --width 32 --experts 8 --topk 2 --iters 2  # CPU
 """
 
 from __future__ import annotations
@@ -43,9 +44,13 @@ SWEEP_TILINGS = [  # (tm, tk, tn, num_warps, num_stages) for the gmm forward on 
     (128, 64, 128, 4, 4), (128, 64, 128, 8, 3), (128, 32, 128, 4, 5), (128, 64, 256, 8, 3),
     (64, 64, 128, 4, 4), (256, 64, 128, 8, 3), (128, 128, 128, 8, 3),
 ]
+SWEEP_TGMM_TILINGS = [  # (tm, tk, tn, num_warps, num_stages) for d_rhs (tgmm) on GPU; tm is its contraction
+    (128, 128, 128, 4, 3), (128, 128, 128, 8, 3), (64, 128, 128, 4, 4), (128, 64, 128, 4, 4),
+    (128, 128, 256, 8, 3),
+]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Backends: each gives gmm(lhs, rhs, group_sizes) and optionally a fused gate/up SwiGLU.
 
 class Backend:
@@ -61,7 +66,9 @@ def make_backend(name: str, platform_name: str, tiling) -> Backend | str:
     if interpret and tiling is None:
       tiling = pallas_backend.INTERPRET_TILING
     g = partial(pallas_backend.gmm, interpret=interpret, tiling=tiling)
-    sw = partial(pallas_backend.gmm_swiglu, interpret=interpret, tiling=tiling) if name == "pallas_fused" else None
+    sw = None
+    if name == "pallas_fused":
+      sw = partial(pallas_backend.gmm_swiglu, interpret=interpret, tiling=tiling)
     return Backend(name if not (interp and name == "pallas") else "pallas_interpret", g, sw,
                    "interpret mode" if interpret else "")
   if name in ("ragged_dot", "reference"):
@@ -79,7 +86,7 @@ def make_backend(name: str, platform_name: str, tiling) -> Backend | str:
   return f"unknown impl {name!r}"
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The MoE layer (self-contained so the benchmark does not depend on the model code).
 
 def moe_layer(x, router_w, w_gate_up, w_gate, w_up, w_down, *, topk: int, backend: Backend):
@@ -98,7 +105,7 @@ def moe_layer(x, router_w, w_gate_up, w_gate, w_up, w_down, *, topk: int, backen
   return ops.unpermute(y, order, top_w).astype(x.dtype)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Timing.
 
 def _classify(e: BaseException) -> str:
@@ -136,7 +143,7 @@ def fwd_bwd(f):
   return jax.jit(g)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 def parse_tiling(s: str | None):
   if not s:
@@ -144,8 +151,8 @@ def parse_tiling(s: str | None):
   v = [int(x) for x in s.split(",")]
   if len(v) not in (3, 5):
     raise SystemExit("--tiling wants tm,tk,tn or tm,tk,tn,num_warps,num_stages")
-  t = pallas_backend.Tiling(gmm=tuple(v[:3]), **({"num_warps": v[3], "num_stages": v[4]} if len(v) == 5 else {}))
-  return t
+  extra = {"num_warps": v[3], "num_stages": v[4]} if len(v) == 5 else {}
+  return pallas_backend.Tiling(gmm=tuple(v[:3]), **extra)
 
 
 def main(argv=None) -> dict:
@@ -159,9 +166,11 @@ def main(argv=None) -> dict:
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--impls", default=DEFAULT_IMPLS,
-                 help="comma list of: pallas, pallas_fused, pallas_interpret, ragged_dot, reference, tokamax, einsum")
+                 help="comma list of: pallas, pallas_fused, pallas_interpret, ragged_dot, reference, "
+                      "tokamax, einsum")
   p.add_argument("--tiling", default=None, help="Pallas gmm tiling tm,tk,tn[,num_warps,num_stages]")
-  p.add_argument("--sweep", action="store_true", help="also time the Pallas gmm forward over a few GPU tilings")
+  p.add_argument("--sweep", action="store_true",
+                 help="also time the Pallas gmm forward and tgmm (d_rhs) over a few GPU tilings")
   p.add_argument("--no-layer", action="store_true", help="skip the whole-layer rows")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
@@ -173,7 +182,8 @@ def main(argv=None) -> dict:
   t, h, w, e, k = a.tokens, a.hidden, a.width, a.experts, a.topk
   r = t * k
   tiling = parse_tiling(a.tiling)
-  print(f"device: {jax.devices()[0].device_kind} ({plat}); jax {jax.__version__}; python {platform.python_version()}")
+  print(f"device: {jax.devices()[0].device_kind} ({plat}); jax {jax.__version__}; "
+        f"python {platform.python_version()}")
   print(f"shape: tokens={t} top{k} of {e} experts -> {r} routed rows; hidden={h} width={w}; {dtype.name}")
 
   keys = jax.random.split(jax.random.key(a.seed), 10)
@@ -215,7 +225,8 @@ def main(argv=None) -> dict:
       fl = 2 * e * cap * h * 2 * w
       ms, st = time_fn(jax.jit(f), (lhs_b, w_gate_up), a.iters, a.warmup)
       record("einsum", "balanced fwd (ceiling)", fl, ms, st)
-      ms, st = time_fn(fwd_bwd(f), (lhs_b, w_gate_up, ct_gu[: cap * e].reshape(e, cap, 2 * w)), a.iters, a.warmup)
+      ct_b = ct_gu[: cap * e].reshape(e, cap, 2 * w)
+      ms, st = time_fn(fwd_bwd(f), (lhs_b, w_gate_up, ct_b), a.iters, a.warmup)
       record("einsum", "balanced fwd+bwd (ceiling)", 3 * fl, ms, st)
       continue
 
@@ -250,11 +261,18 @@ def main(argv=None) -> dict:
       g = jax.jit(partial(pallas_backend.gmm, tiling=til))
       ms, st = time_fn(g, (x_sorted, w_gate_up, group_sizes), a.iters, a.warmup)
       record("pallas", f"fwd {tm}x{tk}x{tn} w{nw} s{ns}", flops_gmm, ms, st)
+    for tm, tk, tn, nw, ns in SWEEP_TGMM_TILINGS:
+      til = pallas_backend.Tiling(tgmm=(tm, tk, tn), tgmm_num_warps=nw, tgmm_num_stages=ns)
+      g = jax.jit(partial(pallas_backend.tgmm, tiling=til))
+      ms, st = time_fn(g, (x_sorted, ct_gu, group_sizes), a.iters, a.warmup)
+      record("pallas", f"tgmm {tm}x{tk}x{tn} w{nw} s{ns}", flops_gmm, ms, st)
 
   result = dict(
-      device=jax.devices()[0].device_kind, platform=plat, jax=jax.__version__, python=platform.python_version(),
-      config=dict(tokens=t, hidden=h, width=w, experts=e, topk=k, routed_rows=r, dtype=dtype.name, iters=a.iters,
-                  warmup=a.warmup, tiling=a.tiling, group_size_min=int(gs_np.min()), group_size_max=int(gs_np.max())),
+      device=jax.devices()[0].device_kind, platform=plat, jax=jax.__version__,
+      python=platform.python_version(),
+      config=dict(tokens=t, hidden=h, width=w, experts=e, topk=k, routed_rows=r, dtype=dtype.name,
+                  iters=a.iters, warmup=a.warmup, tiling=a.tiling, group_size_min=int(gs_np.min()),
+                  group_size_max=int(gs_np.max())),
       rows=rows)
   os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
   with open(a.out, "w") as f:

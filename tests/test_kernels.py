@@ -1,8 +1,8 @@
-"""MoE dispatch kernels: Pallas grouped matmul (interpret mode) and the ops boundary, against a per-expert loop oracle.
+"""MoE dispatch kernels: Pallas grouped matmul (interpret mode) and the ops boundary vs a per-expert loop.
 
-Every Pallas kernel here runs in the Pallas interpreter on CPU: the GPU kernels (``backend='gpu'``, the ones the
-Triton lowering compiles on an H100) and the TPU path (``backend='tpu'``, megablox). Each compiled function takes
-``group_sizes`` as a traced argument so one compile serves all the routing cases.
+Every Pallas kernel here runs in the Pallas interpreter on CPU: the GPU kernels (``backend='gpu'``, the ones
+the Triton lowering compiles on an H100) and the TPU path (``backend='tpu'``, megablox). Each compiled
+function takes ``group_sizes`` as a traced argument so one compile serves all the routing cases.
 """
 
 import functools
@@ -48,14 +48,14 @@ def loop_gmm(lhs, rhs, sizes):
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def oracle_and_grads(fn, cot, *params):
-  """fn(*params) and jax.grad of the linear functional <fn(*params), cot> w.r.t. every param (jitted: fast)."""
+  """fn(*params) and the grad of the linear functional <fn(*params), cot> w.r.t. every param (jitted)."""
   grads = jax.grad(lambda *p: jnp.sum(fn(*p) * cot), tuple(range(len(params))))(*params)
   return fn(*params), grads
 
 
 @functools.lru_cache(maxsize=None)
 def _gmm_oracle(sizes: tuple, dtype_name: str):
-  """Loop oracle value and grads for the shared (M, K, N, G) inputs rounded to ``dtype``; cached across tests."""
+  """Loop oracle value and grads for the shared (M, K, N, G) inputs rounded to ``dtype``; cached."""
   lhs, rhs, cot = _inputs(jnp.dtype(dtype_name))
   return oracle_and_grads(functools.partial(loop_gmm, sizes=sizes), cot, lhs.astype(jnp.float32),
                           rhs.astype(jnp.float32))
@@ -102,11 +102,12 @@ def test_gmm_forward_and_grads_match_loop(backend, dtype):
     assert not np.any(np.asarray(d_lhs[total:], np.float32)), f"{name}: no gradient for rows past the groups"
     for g, size in enumerate(sizes):
       if size == 0:
-        assert not np.any(np.asarray(d_rhs[g], np.float32)), f"{name}: empty expert {g} must get zero gradient"
+        assert not np.any(np.asarray(d_rhs[g], np.float32)), f"{name}: empty expert {g} must get no gradient"
 
 
 def test_gmm_transpose_rhs_and_other_tiling():
-  # out = lhs @ rhs[g].T with rhs [G, N, K]; tiles (32, 16, 16) against M=50, K=72, N=40; a tile larger than a dim.
+  # out = lhs @ rhs[g].T with rhs [G, N, K]; tiles (32, 16, 64) against M=50, K=72, N=40: the 64-wide tile is
+  # shrunk to fit N.
   m, k, n, g = 50, 72, 40, 4
   k1, k2, k3 = jax.random.split(jax.random.key(2), 3)
   lhs = jax.random.normal(k1, (m, k), jnp.float32)
@@ -120,7 +121,8 @@ def test_gmm_transpose_rhs_and_other_tiling():
     return f(lhs, rhs_t), jax.grad(lambda a, b: jnp.sum(f(a, b) * cot), (0, 1))(lhs, rhs_t)
 
   out, (d_lhs, d_rhs) = run(lhs, rhs_t, jnp.asarray(sizes, jnp.int32))
-  want, (w_lhs, w_rhs) = oracle_and_grads(lambda a, b: loop_gmm(a, jnp.swapaxes(b, 1, 2), sizes), cot, lhs, rhs_t)
+  oracle = lambda a, b: loop_gmm(a, jnp.swapaxes(b, 1, 2), sizes)
+  want, (w_lhs, w_rhs) = oracle_and_grads(oracle, cot, lhs, rhs_t)
   _close(out, want, 1e-5)
   _close(d_lhs, w_lhs, 1e-5)
   _close(d_rhs, w_rhs, 1e-5)
@@ -165,8 +167,8 @@ def test_grouped_matmul_impls_match_loop(impl, monkeypatch):
   sizes = [10, 0, 25, 6]  # 7 rows past the end
   gs = jnp.asarray(sizes, jnp.int32)
   f = lambda a, b: ops.grouped_matmul(a, b, gs, impl=impl)
-  out, (d_lhs, d_rhs) = jax.jit(lambda a, b: (f(a, b), jax.grad(lambda x, y: jnp.sum(f(x, y) * cot), (0, 1))(a, b)))(
-      lhs, rhs)
+  run = jax.jit(lambda a, b: (f(a, b), jax.grad(lambda x, y: jnp.sum(f(x, y) * cot), (0, 1))(a, b)))
+  out, (d_lhs, d_rhs) = run(lhs, rhs)
   want, (w_lhs, w_rhs) = oracle_and_grads(functools.partial(loop_gmm, sizes=tuple(sizes)), cot, lhs, rhs)
   _close(out, want, 1e-5)
   _close(d_lhs, w_lhs, 1e-5)
@@ -175,7 +177,7 @@ def test_grouped_matmul_impls_match_loop(impl, monkeypatch):
 
 
 def _triton_ir_modules(fn, *avals):
-  """Lowers ``fn`` for CUDA on this CPU-only host; returns the verified Triton IR (text) of each Pallas kernel."""
+  """Lowers ``fn`` for CUDA on this CPU-only host; returns the verified Triton IR of each Pallas kernel."""
   try:
     from jax._src.lib.mlir import ir
     from jax._src.pallas.triton import lowering as triton_lowering
@@ -205,9 +207,9 @@ def _triton_ir_modules(fn, *avals):
 
 
 def test_gpu_kernels_lower_to_valid_triton_ir():
-  """The GPU (not interpreted) path: every kernel of gmm/tgmm/gmm_swiglu and their VJPs lowers to Triton IR that
-  verifies (power-of-two tiles, supported primitives, well-typed loops) and keeps its loops as ``scf.for``, which
-  Triton software-pipelines. Compiling that IR to PTX needs a GPU and is not covered here."""
+  """The GPU (not interpreted) path: every kernel of gmm/tgmm/gmm_swiglu and their VJPs lowers to Triton IR
+  that verifies (power-of-two tiles, supported primitives, well-typed loops) and keeps its loops as
+  ``scf.for`` (which Triton software-pipelines). Compiling that IR to PTX needs a GPU: not covered here."""
   bf16 = jnp.bfloat16
   lhs = jax.ShapeDtypeStruct((1000, 200), bf16)  # M, K not tile multiples: the wrapper pads
   rhs = jax.ShapeDtypeStruct((8, 200, 384), bf16)
@@ -228,7 +230,7 @@ def test_gpu_kernels_lower_to_valid_triton_ir():
     assert "tt.dot" in text
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # permute / unpermute
 
 
@@ -259,14 +261,14 @@ def test_unpermute_round_trip_and_weights():
   t, k = ids.shape
   x_sorted, _, order = ops.permute(x, ids, 5)
   np.testing.assert_allclose(ops.unpermute(x_sorted, order, jnp.ones((t, k))), k * np.asarray(x), rtol=1e-6)
-  np.testing.assert_allclose(ops.unpermute(x_sorted, order, w), np.asarray(w).sum(1, keepdims=True) * np.asarray(x),
-                             rtol=1e-6)
+  want = np.asarray(w).sum(1, keepdims=True) * np.asarray(x)
+  np.testing.assert_allclose(ops.unpermute(x_sorted, order, w), want, rtol=1e-6)
 
 
 def test_permute_unpermute_gradients_match_dense():
   x, ids, w = _routing(seed=4)
   e = 5
-  scale = jax.random.normal(jax.random.key(9), (e, x.shape[1]), jnp.float32)  # per-expert elementwise "expert"
+  scale = jax.random.normal(jax.random.key(9), (e, x.shape[1]), jnp.float32)  # an elementwise "expert"
   cot = jax.random.normal(jax.random.key(10), x.shape, jnp.float32)
 
   def sparse(x, w, scale):
@@ -283,7 +285,7 @@ def test_permute_unpermute_gradients_match_dense():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # resolve_impl
 
 
@@ -298,6 +300,12 @@ def test_resolve_impl_explicit_auto_and_env(monkeypatch):
   assert ops.resolve_impl("auto") == "reference"
   monkeypatch.setenv(ops.ENV_VAR, "")
   assert ops.resolve_impl("pallas_interpret") == "pallas_interpret"  # empty env = no override
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_availability_self_test_passes_in_interpret_mode(backend):
+  # available('gpu'/'tpu') runs this self-test compiled on the device; here the same check runs interpreted.
+  assert pallas_backend._smoke_test(backend, interpret=True)
 
 
 def test_resolve_impl_unknown_is_a_clear_error(monkeypatch):
@@ -317,12 +325,13 @@ def test_pallas_rejects_bad_shapes():
     pallas_backend.gmm(lhs[:, :3], rhs, jnp.asarray([4, 4], jnp.int32), interpret=True)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The benchmark script runs end to end at a tiny shape on CPU (pallas_interpret).
 
 
 def test_benchmark_tiny_cpu_run(tmp_path):
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "moe_kernels.py")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  path = os.path.join(root, "benchmarks", "moe_kernels.py")
   spec = importlib.util.spec_from_file_location("moe_kernels_bench", path)
   bench = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(bench)

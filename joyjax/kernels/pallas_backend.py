@@ -1,20 +1,23 @@
-"""Pallas grouped matmul behind ``ops.grouped_matmul(impl='pallas' | 'pallas_interpret')``: dispatch, padding, VJPs.
+"""Pallas grouped matmul behind ``ops.grouped_matmul(impl='pallas' | 'pallas_interpret')``: dispatch, VJPs.
 
-Public entry points (all differentiable in lhs and rhs; ``group_sizes`` gets no gradient):
+Public entry points (``gmm`` and ``gmm_swiglu`` are differentiable in lhs and rhs; ``group_sizes`` gets no
+gradient; ``tgmm`` is the building block of their VJPs):
 
 * ``gmm(lhs [M, K], rhs [G, K, N], group_sizes [G]) -> [M, N]``: ``out[rows of g] = lhs[rows of g] @ rhs[g]``.
   Rows are grouped contiguously in order; rows past ``sum(group_sizes)`` give zeros (and zero gradient).
   VJP: ``d_lhs = gmm(d_out, rhs^T)`` (the transpose is read in-kernel, never materialised) and
   ``d_rhs = tgmm(lhs, d_out)``.
-* ``tgmm(lhs [M, K], dout [M, N], group_sizes [G]) -> [G, K, N]``: ``out[g] = lhs[rows of g].T @ dout[rows of g]``.
-* ``gmm_swiglu(lhs, rhs_gate, rhs_up, group_sizes) -> [M, F]``: ``silu(lhs @ gate) * (lhs @ up)`` with the SwiGLU in
-  the kernel epilogue (one pass, no [M, 2F] intermediate in HBM). Its VJP recomputes gate/up in one dual-output
-  kernel, and computes ``d_lhs = d_gate @ gate^T + d_up @ up^T`` in one kernel.
+* ``tgmm(lhs [M, K], dout [M, N], group_sizes [G]) -> [G, K, N]``:
+  ``out[g] = lhs[rows of g].T @ dout[rows of g]``.
+* ``gmm_swiglu(lhs, rhs_gate, rhs_up, group_sizes) -> [M, F]``: ``silu(lhs @ gate) * (lhs @ up)`` with the
+  SwiGLU in the kernel epilogue (one pass, no [M, 2F] intermediate in HBM). Its VJP recomputes gate/up in one
+  dual-output kernel, and computes ``d_lhs = d_gate @ gate^T + d_up @ up^T`` in one kernel.
 
-Backends: ``gpu`` = the kernels in ``pallas_gpu`` (Triton lowering; also what ``interpret=True`` runs by default on
-CPU), ``tpu`` = JAX's megablox kernels (``pallas_tpu``). Accumulation is float32; outputs take ``lhs.dtype``
-(gradients take their primal's dtype). Operands are zero-padded inside the wrapper so M, K and N are tile multiples:
-a K that is not a tile multiple is therefore exact (padded columns contribute 0), never masked.
+Backends: ``gpu`` = the kernels in ``pallas_gpu`` (Triton lowering; also what ``interpret=True`` runs by
+default on CPU), ``tpu`` = JAX's megablox kernels (``pallas_tpu``). Accumulation is float32; outputs take
+``lhs.dtype`` (gradients take their primal's dtype). Operands are zero-padded inside the wrapper so M, K and N
+are tile multiples: a K that is not a tile multiple is therefore exact (padded columns contribute 0), never
+masked.
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ BACKENDS = ("gpu", "tpu")
 class Tiling:
   """Tile sizes. ``gmm`` = (tm rows, tk contraction, tn output columns) for the forward and ``d_lhs`` kernels;
   ``tgmm`` = (tm rows (the contraction there), tk, tn) for ``d_rhs``. GPU tiles must be powers of two (>= 16).
-  ``num_warps`` / ``num_stages`` are Triton settings (ignored on TPU and in interpret mode). Tiles larger than a
-  (power-of-two-rounded) dimension are shrunk to it.
+  ``num_warps`` / ``num_stages`` are Triton settings (ignored on TPU and in interpret mode). Tiles larger than
+  a (power-of-two-rounded) dimension are shrunk to it.
   """
   gmm: tuple[int, int, int] = (128, 64, 128)
   tgmm: tuple[int, int, int] = (128, 128, 128)
@@ -48,7 +51,7 @@ class Tiling:
   num_stages: int | None = 4
   tgmm_num_warps: int | None = 4
   tgmm_num_stages: int | None = 3
-  fused_num_warps: int | None = 8  # kernels with two accumulators (SwiGLU fwd, its recompute): halve regs/thread
+  fused_num_warps: int | None = 8  # two accumulators (SwiGLU fwd, its recompute): halves registers/thread
 
 
 GPU_TILING = Tiling()
@@ -84,11 +87,11 @@ def _make_cfg(interpret: bool, tiling, backend: str | None) -> _Cfg:
   return _Cfg(backend=backend, interpret=bool(interpret), tiling=tiling)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Availability (used by ops.resolve_impl('auto')).
 
 def available(platform: str) -> bool:
-  """Whether the compiled Pallas kernels can serve ``platform`` here (checked once by compiling a tiny problem)."""
+  """Whether the compiled Pallas kernels serve ``platform`` here (checked once, by running a tiny problem)."""
   platform = (platform or "").lower()
   if platform in ("gpu", "cuda"):
     return _smoke_test("gpu")
@@ -98,9 +101,10 @@ def available(platform: str) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _smoke_test(backend: str) -> bool:
+def _smoke_test(backend: str, interpret: bool = False) -> bool:
+  """Compiles and runs a tiny ragged problem (an empty group, rows past the end); checks it against numpy."""
   try:
-    if backend == "gpu":
+    if backend == "gpu" and not interpret:
       from jax.experimental.pallas import triton  # noqa: F401
       dev = jax.devices("gpu")[0]
       cc = getattr(dev, "compute_capability", None)
@@ -110,7 +114,8 @@ def _smoke_test(backend: str) -> bool:
     lhs = jnp.asarray(rng.standard_normal((256, 128)), jnp.bfloat16)
     rhs = jnp.asarray(rng.standard_normal((3, 128, 128)), jnp.bfloat16)
     gs = jnp.asarray([100, 0, 120], jnp.int32)
-    out = np.asarray(jax.jit(functools.partial(gmm, backend=backend))(lhs, rhs, gs), np.float32)
+    run = jax.jit(functools.partial(gmm, backend=backend, interpret=interpret))
+    out = np.asarray(run(lhs, rhs, gs), np.float32)
     l32, r32 = np.asarray(lhs, np.float32), np.asarray(rhs, np.float32)
     want = np.zeros((256, 128), np.float32)
     want[:100] = l32[:100] @ r32[0]
@@ -124,7 +129,7 @@ def _smoke_test(backend: str) -> bool:
     return False
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Padding and tile fitting.
 
 def _next_pow2(x: int) -> int:
@@ -162,19 +167,21 @@ def _check(lhs, rhs, group_sizes, transpose_rhs):
     raise ValueError(f"expected lhs [M, K] and rhs [G, K, N]; got {lhs.shape} and {rhs.shape}")
   k = rhs.shape[2] if transpose_rhs else rhs.shape[1]
   if lhs.shape[1] != k:
-    raise ValueError(f"contraction mismatch: lhs {lhs.shape} vs rhs {rhs.shape} (transpose_rhs={transpose_rhs})")
+    raise ValueError(
+        f"contraction mismatch: lhs {lhs.shape} vs rhs {rhs.shape} (transpose_rhs={transpose_rhs})")
   if group_sizes.shape != (rhs.shape[0],):
     raise ValueError(f"group_sizes must have shape ({rhs.shape[0]},), got {group_sizes.shape}")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Non-differentiable implementations (padded, dispatched per backend).
 
 _EPILOGUES = {"identity": pallas_gpu.identity_epilogue, "swiglu": pallas_gpu.swiglu_epilogue}
 
 
 def _gmm_impl(lhs: Sequence[jax.Array], rhs: Sequence[jax.Array], group_sizes: jax.Array, cfg: _Cfg, *,
-              transpose_rhs: bool = False, epilogue: str = "identity", out_dtypes: Sequence) -> tuple[jax.Array, ...]:
+              transpose_rhs: bool = False, epilogue: str = "identity",
+              out_dtypes: Sequence) -> tuple[jax.Array, ...]:
   """Unpadded entry: lhs list of [M, K], rhs list of [G, K, N] (or [G, N, K]) -> outputs [M, N]."""
   m, k = lhs[0].shape
   n = rhs[0].shape[1] if transpose_rhs else rhs[0].shape[2]
@@ -224,7 +231,7 @@ def _tgmm_impl(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, cfg: _Cf
   return out[:, :k, :n]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # gmm with custom VJP.
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -238,8 +245,10 @@ def _gmm_vjp_fwd(lhs, rhs, group_sizes, cfg, transpose_rhs):
 
 def _gmm_vjp_bwd(cfg, transpose_rhs, res, dout):
   lhs, rhs, group_sizes = res
-  # out = lhs @ W_g with W_g = rhs[g] (or rhs[g].T). d_lhs = dout @ W_g^T: the same kernel reading rhs the other way.
-  d_lhs = _gmm_impl([dout], [rhs], group_sizes, cfg, transpose_rhs=not transpose_rhs, out_dtypes=[lhs.dtype])[0]
+  # out = lhs @ W_g with W_g = rhs[g] (or rhs[g].T). d_lhs = dout @ W_g^T: the same kernel reading rhs the
+  # other way round (the transpose is never materialised).
+  d_lhs = _gmm_impl([dout], [rhs], group_sizes, cfg, transpose_rhs=not transpose_rhs,
+                    out_dtypes=[lhs.dtype])[0]
   if transpose_rhs:  # rhs[g] = W_g^T: d rhs[g] = dout_g^T @ lhs_g
     d_rhs = _tgmm_impl(dout, lhs, group_sizes, cfg, out_dtype=rhs.dtype)
   else:
@@ -252,10 +261,11 @@ _gmm_vjp.defvjp(_gmm_vjp_fwd, _gmm_vjp_bwd)
 
 def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, interpret: bool = False, *, tiling=None,
         backend: str | None = None, transpose_rhs: bool = False) -> jax.Array:
-  """Grouped matmul ``[M, K] x [G, K, N] -> [M, N]`` (``rhs`` [G, N, K] with ``transpose_rhs``), dtype of ``lhs``.
+  """Grouped matmul ``[M, K] x [G, K, N] -> [M, N]`` (rhs [G, N, K] with ``transpose_rhs``) in ``lhs.dtype``.
 
   interpret: run the kernels in the Pallas interpreter (CPU tests). tiling: ``Tiling`` or (tm, tk, tn).
-  backend: ``'gpu'`` (Triton-lowered kernels; the interpreter default) or ``'tpu'`` (megablox); default by platform.
+  backend: ``'gpu'`` (Triton-lowered kernels; the interpreter default) or ``'tpu'`` (megablox); default by
+  platform.
   """
   group_sizes = jnp.asarray(group_sizes).astype(jnp.int32)
   _check(lhs, rhs, group_sizes, transpose_rhs)
@@ -275,7 +285,7 @@ def tgmm(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, interpret: boo
                     out_dtype=preferred_element_type or lhs.dtype)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Fused gate/up + SwiGLU.
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -289,7 +299,8 @@ def _swiglu_vjp_fwd(lhs, rhs_gate, rhs_up, group_sizes, cfg):
 
 def _swiglu_vjp_bwd(cfg, res, dout):
   lhs, rhs_gate, rhs_up, group_sizes = res
-  # Recompute the pre-activations (one kernel, two accumulators) instead of keeping [M, 2F] alive from the forward.
+  # Recompute the pre-activations (one kernel, two accumulators) rather than keep [M, 2F] alive since the
+  # forward.
   gate, up = _gmm_impl([lhs], [rhs_gate, rhs_up], group_sizes, cfg, out_dtypes=[lhs.dtype, lhs.dtype])
   gate, up, d = gate.astype(jnp.float32), up.astype(jnp.float32), dout.astype(jnp.float32)
   sig = jax.nn.sigmoid(gate)

@@ -1,31 +1,33 @@
-"""Grouped matmul kernels in Pallas for NVIDIA GPUs (Triton lowering); the same kernels run in the Pallas interpreter.
+"""Grouped matmul kernels in Pallas for NVIDIA GPUs (Triton lowering); they also run in the interpreter.
 
-The callers in ``pallas_backend`` pad every operand so that M, K and N are tile multiples and clamp the group offsets
-to the unpadded row count; the kernels here therefore never read or write out of bounds and need no bounds checks.
+The callers in ``pallas_backend`` pad every operand so that M, K and N are tile multiples and clamp the group
+offsets to the unpadded row count; the kernels here therefore never read or write out of bounds and need no
+bounds checks.
 
 Tiling of the row dimension (megablox-style metadata, computed in plain JAX before the call):
 
 * ``offsets`` [G+1]: row at which group g starts (``offsets[g]``) and ends (``offsets[g+1]``).
 * ``lo``, ``hi`` [tiles_m]: the groups that may intersect row tile i are ``lo[i] <= g < hi[i]``.
 
-``gmm``: one program per output tile (row tile i, column tile j). It loops over the groups intersecting its rows; for
-each non-empty one it runs the K loop against that group's weights, loading ``lhs`` with a row mask so rows of other
-groups read as zero and only this group's rows accumulate (one float32 accumulator for all groups). Every
-output element is written exactly once, by one program, with a plain store: no races between programs that share a
-row tile at a group boundary, rows of no group (past ``sum(group_sizes)``) come out as zeros, and an empty group costs
-nothing. Work is ``tiles_m + (number of group boundaries inside tiles)`` row-tile passes, as in megablox.
+``gmm``: one program per output tile (row tile i, column tile j). It loops over the groups intersecting its
+rows; for each non-empty one it runs the K loop against that group's weights, loading ``lhs`` with a row mask
+so rows of other groups read as zero and only this group's rows accumulate (one float32 accumulator for all
+groups). Every output element is written exactly once, by one program, with a plain store: no races between
+programs that share a row tile at a group boundary, rows of no group (past ``sum(group_sizes)``) come out as
+zeros, and an empty group costs nothing. Work is ``tiles_m + (number of group boundaries inside tiles)``
+row-tile passes, as in megablox.
 
-``tgmm`` (``d_rhs[g] = lhs[rows of g].T @ d_out[rows of g]``): one program per (group, K tile, N tile) output tile,
-looping over the row tiles that group g touches, with row-masked loads (rows of other groups read as zero). Empty
-groups produce zeros.
+``tgmm`` (``d_rhs[g] = lhs[rows of g].T @ d_out[rows of g]``): one program per (group, K tile, N tile) output
+tile, looping over the row tiles that group g touches, with row-masked loads (rows of other groups read as
+zero). Empty groups produce zeros.
 
-Only three things are backend specific and sit behind small functions: the compiler parameters (Triton warps and
-stages), the masked load (``pallas.triton.load`` with ``mask``/``other``, which the interpreter also understands), and
-the program-id order (Triton launches grid axis 0 fastest, so the N-tile axis goes first: consecutive programs share
-one row tile of ``lhs`` and sweep one expert's weights, which then stay in L2).
+Only three things are backend specific and sit behind small functions: the compiler parameters (Triton warps
+and stages), the masked load (``pallas.triton.load`` with ``mask``/``other``, which the interpreter also
+understands), and the program-id order (Triton launches grid axis 0 fastest, so the N-tile axis goes first:
+consecutive programs share one row tile of ``lhs`` and sweep one expert's weights, which then stay in L2).
 
-Triton needs power-of-two tensor sizes for every load and store, so on GPU all tile sizes must be powers of two (and
->= 16 for ``tl.dot``); ``pallas_backend`` picks and validates them.
+Triton needs power-of-two tensor sizes for every load and store, so on GPU all tile sizes must be powers of
+two (and >= 16 for ``tl.dot``); ``pallas_backend`` picks and validates them.
 """
 
 from __future__ import annotations
@@ -43,17 +45,17 @@ _DOT_NT = (((1,), (1,)), ((), ()))  # [m, k] x [n, k]
 _DOT_TN = (((0,), (0,)), ((), ()))  # [m, k] x [m, n] -> [k, n]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Backend-specific pieces.
 
 def compiler_params(num_warps: int | None, num_stages: int | None):
-  """Triton compiler parameters; passing them also selects the Triton (not Mosaic GPU) lowering of ``pallas_call``."""
+  """Triton compiler parameters; passing them also selects the Triton (not Mosaic GPU) lowering."""
   from jax.experimental.pallas import triton as pltriton
   return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
 def _masked_load(ref_view, row_mask):
-  """Loads a [rows, cols] view; rows where ``row_mask`` [rows, 1] is False read as zero (predicated, no extra pass)."""
+  """Loads a [rows, cols] view; rows where ``row_mask`` [rows, 1] is False read as zero (predicated)."""
   from jax.experimental.pallas import triton as pltriton
   return pltriton.load(ref_view, mask=row_mask, other=0)
 
@@ -62,7 +64,7 @@ def _dot(a, b, dims, precision):
   return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Metadata.
 
 def group_offsets(group_sizes: jax.Array, num_rows: int) -> jax.Array:
@@ -75,8 +77,8 @@ def group_offsets(group_sizes: jax.Array, num_rows: int) -> jax.Array:
 def tile_group_ranges(offsets: jax.Array, num_tiles: int, tm: int) -> tuple[jax.Array, jax.Array]:
   """For each row tile i, the groups ``lo[i] <= g < hi[i]`` whose rows may intersect ``[i*tm, (i+1)*tm)``.
 
-  lo = number of groups that end at or before the tile's first row; hi = number of groups that start before the
-  tile's end. Empty groups inside the range are skipped by the kernel.
+  lo = number of groups that end at or before the tile's first row; hi = number of groups that start before
+  the tile's end. Empty groups inside the range are skipped by the kernel.
   """
   starts, ends = offsets[:-1], offsets[1:]
   first_row = jnp.arange(num_tiles, dtype=jnp.int32) * tm
@@ -85,11 +87,11 @@ def tile_group_ranges(offsets: jax.Array, num_tiles: int, tm: int) -> tuple[jax.
   return lo, jnp.maximum(hi, lo)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # gmm: out[rows of g] = epilogue(lhs[rows of g] @ W_r[g] for each rhs r).
 
-def _gmm_kernel(offsets_ref, lo_ref, hi_ref, *refs, n_lhs: int, n_rhs: int, tm: int, tk: int, tn: int, num_k: int,
-                transpose_rhs: bool, precision, epilogue: Callable):
+def _gmm_kernel(offsets_ref, lo_ref, hi_ref, *refs, n_lhs: int, n_rhs: int, tm: int, tk: int, tn: int,
+                num_k: int, transpose_rhs: bool, precision, epilogue: Callable):
   lhs_refs, rhs_refs, out_refs = refs[:n_lhs], refs[n_lhs:n_lhs + n_rhs], refs[n_lhs + n_rhs:]
   # n_lhs == 1: one accumulator per rhs (lhs @ W_r). n_lhs == n_rhs > 1: one accumulator, sum_r lhs_r @ W_r.
   n_acc = n_rhs if n_lhs == 1 else 1
@@ -103,11 +105,11 @@ def _gmm_kernel(offsets_ref, lo_ref, hi_ref, *refs, n_lhs: int, n_rhs: int, tm: 
   def group_body(g, accs):
     start = offsets_ref[g]
     end = offsets_ref[g + 1]
-    # Empty group: no K loop at all. Integer arithmetic, not jnp.where: a select of two constants lowers to an i1
-    # loop bound in Triton IR, which fails verification.
+    # Empty group: no K loop at all. Integer arithmetic, not jnp.where: a select of two constants lowers to an
+    # i1 loop bound in Triton IR, which fails verification.
     trip = jnp.clip(end - start, 0, 1) * num_k
-    # Rows of other groups read as zero, so this group's products land only on its own rows and one accumulator
-    # (per rhs) carries through both loops: no second [tm, tn] tile live in registers, no select afterwards.
+    # Rows of other groups read as zero, so this group's products land only on its own rows and one
+    # accumulator (per rhs) carries through both loops: no second [tm, tn] tile live in registers.
     in_group = (rows >= start) & (rows < end)
 
     def k_body(kk, accs):
@@ -140,14 +142,15 @@ def swiglu_epilogue(gate, up):
   return (gate * jax.nn.sigmoid(gate) * up,)
 
 
-def gmm(lhs: Sequence[jax.Array], rhs: Sequence[jax.Array], offsets: jax.Array, *, tiling: tuple[int, int, int],
-        out_dtypes: Sequence, transpose_rhs: bool = False, epilogue: Callable = identity_epilogue,
-        precision=None, num_warps: int | None = None, num_stages: int | None = None,
-        interpret: bool = False) -> tuple[jax.Array, ...]:
-  """Padded grouped matmul. Each lhs [M, K]; each rhs [G, K, N] ([G, N, K] if transpose_rhs); M, K, N tile multiples.
+def gmm(lhs: Sequence[jax.Array], rhs: Sequence[jax.Array], offsets: jax.Array, *,
+        tiling: tuple[int, int, int], out_dtypes: Sequence, transpose_rhs: bool = False,
+        epilogue: Callable = identity_epilogue, precision=None, num_warps: int | None = None,
+        num_stages: int | None = None, interpret: bool = False) -> tuple[jax.Array, ...]:
+  """Padded grouped matmul. Each lhs [M, K]; each rhs [G, K, N] ([G, N, K] if transpose_rhs); tile multiples.
 
   One lhs: one float32 accumulator per rhs (``lhs @ W_r``). As many lhs as rhs: a single accumulator holding
-  ``sum_r lhs_r @ W_r``. ``epilogue`` maps the accumulators to the outputs (one per ``out_dtypes``), all [M, N].
+  ``sum_r lhs_r @ W_r``. ``epilogue`` maps the accumulators to the outputs (one per ``out_dtypes``), each
+  [M, N].
   """
   tm, tk, tn = tiling
   m, k = lhs[0].shape
@@ -157,17 +160,18 @@ def gmm(lhs: Sequence[jax.Array], rhs: Sequence[jax.Array], offsets: jax.Array, 
   tiles_m, tiles_n = m // tm, n // tn
   lo, hi = tile_group_ranges(offsets, tiles_m, tm)
   kernel = functools.partial(
-      _gmm_kernel, n_lhs=len(lhs), n_rhs=len(rhs), tm=tm, tk=tk, tn=tn, num_k=k // tk, transpose_rhs=transpose_rhs,
-      precision=precision, epilogue=epilogue)
+      _gmm_kernel, n_lhs=len(lhs), n_rhs=len(rhs), tm=tm, tk=tk, tn=tn, num_k=k // tk,
+      transpose_rhs=transpose_rhs, precision=precision, epilogue=epilogue)
   out_spec = pl.BlockSpec((tm, tn), lambda j, i: (i, j))
   flops = 2 * m * k * n * len(rhs)
-  bytes_accessed = (sum(x.size * x.dtype.itemsize for x in lhs) * tiles_n + sum(r.size * r.dtype.itemsize for r in rhs)
+  bytes_accessed = (sum(x.size * x.dtype.itemsize for x in lhs) * tiles_n
+                    + sum(r.size * r.dtype.itemsize for r in rhs)
                     + sum(m * n * jnp.dtype(d).itemsize for d in out_dtypes))
   return tuple(pl.pallas_call(
       kernel,
       out_shape=[jax.ShapeDtypeStruct((m, n), d) for d in out_dtypes],
       grid=(tiles_n, tiles_m),
-      in_specs=[pl.no_block_spec] * (3 + len(lhs) + len(rhs)),  # whole arrays; the kernel slices them with pl.ds
+      in_specs=[pl.no_block_spec] * (3 + len(lhs) + len(rhs)),  # whole arrays; the kernel slices with pl.ds
       out_specs=[out_spec] * len(out_dtypes),
       compiler_params=None if interpret else compiler_params(num_warps, num_stages),
       interpret=interpret,
@@ -176,7 +180,7 @@ def gmm(lhs: Sequence[jax.Array], rhs: Sequence[jax.Array], offsets: jax.Array, 
   )(offsets, lo, hi, *lhs, *rhs))
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # tgmm: out[g] = lhs[rows of g].T @ dout[rows of g].
 
 def _tgmm_kernel(offsets_ref, lhs_ref, dout_ref, out_ref, *, tm: int, tk: int, tn: int, precision):
@@ -202,9 +206,9 @@ def _tgmm_kernel(offsets_ref, lhs_ref, dout_ref, out_ref, *, tm: int, tk: int, t
   out_ref[...] = acc.astype(out_ref.dtype)
 
 
-def tgmm(lhs: jax.Array, dout: jax.Array, offsets: jax.Array, *, num_groups: int, tiling: tuple[int, int, int],
-         out_dtype, precision=None, num_warps: int | None = None, num_stages: int | None = None,
-         interpret: bool = False) -> jax.Array:
+def tgmm(lhs: jax.Array, dout: jax.Array, offsets: jax.Array, *, num_groups: int,
+         tiling: tuple[int, int, int], out_dtype, precision=None, num_warps: int | None = None,
+         num_stages: int | None = None, interpret: bool = False) -> jax.Array:
   """Padded transposed grouped matmul: lhs [M, K], dout [M, N] -> [G, K, N]; M, K, N tile multiples."""
   tm, tk, tn = tiling
   m, k = lhs.shape

@@ -1,10 +1,11 @@
 """TPU grouped matmul: an adapter over JAX's megablox Pallas/Mosaic kernels.
 
-megablox (``jax.experimental.pallas.ops.tpu.megablox``) is the maintained TPU implementation of exactly the design we
-want there: per-tile group ids and offsets as scalar-prefetch metadata, BlockSpec pipelining from HBM into VMEM, a
-float32 VMEM accumulator. ``pallas_backend`` pads M, K and N to tile multiples before calling in, so megablox's own
-K-remainder masking is never exercised, and zeroes the rows past ``sum(group_sizes)`` (megablox leaves them
-unwritten). The kernels also run in the Pallas interpreter on CPU, which is how the tests cover this path.
+megablox (``jax.experimental.pallas.ops.tpu.megablox``) is the maintained TPU implementation of exactly the
+design we want there: per-tile group ids and offsets as scalar-prefetch metadata, BlockSpec pipelining from
+HBM into VMEM, a float32 VMEM accumulator. ``pallas_backend`` pads M, K and N to tile multiples before calling
+in, so megablox's own K-remainder masking is never exercised, and zeroes the rows past ``sum(group_sizes)``
+(megablox leaves them unwritten). The kernels also run in the Pallas interpreter on CPU, which is how the
+tests cover this path.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 
 
 def _megablox():
-  # ``megablox/__init__`` re-exports a custom_vjp'd ``gmm`` that shadows the submodule name; import the module itself.
+  # ``megablox/__init__`` re-exports a custom_vjp'd ``gmm`` that shadows the submodule; import the module.
   return importlib.import_module("jax.experimental.pallas.ops.tpu.megablox.gmm")
 
 
@@ -30,7 +31,7 @@ def available() -> bool:
 
 def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tiling: tuple[int, int, int], out_dtype,
         transpose_rhs: bool = False, interpret: bool = False) -> jax.Array:
-  """Padded grouped matmul: lhs [M, K] x rhs [G, K, N] (or [G, N, K]) -> [M, N]; rows past the groups unspecified."""
+  """Padded grouped matmul: lhs [M, K] x rhs [G, K, N] (or [G, N, K]) -> [M, N]; rows past groups: junk."""
   return _megablox().gmm(lhs, rhs, group_sizes.astype(jnp.int32), preferred_element_type=jnp.dtype(out_dtype),
                          tiling=tuple(tiling), transpose_rhs=transpose_rhs, interpret=interpret)
 
@@ -39,4 +40,5 @@ def tgmm(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *, tiling: tup
          interpret: bool = False) -> jax.Array:
   """Padded transposed grouped matmul: lhs [M, K], dout [M, N] -> [G, K, N]."""
   return _megablox().tgmm(lhs.swapaxes(0, 1), dout, group_sizes.astype(jnp.int32),
-                          preferred_element_type=jnp.dtype(out_dtype), tiling=tuple(tiling), interpret=interpret)
+                          preferred_element_type=jnp.dtype(out_dtype), tiling=tuple(tiling),
+                          interpret=interpret)
