@@ -85,7 +85,11 @@ def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
     raise ConfigError(f"{path}: {e}") from e
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {path!r} must define get_config() returning a ConfigDict")
-  cfg = module.get_config()
+  try:
+    cfg = module.get_config()
+  except AttributeError as e:  # e.g. `c.train.lrr = 1` on the locked base config inside get_config()
+    raise ConfigError(f"{path}: get_config() sets a key the schema does not have ({e}); every key is documented "
+                      "in configs/base.py") from e
   check_schema(cfg)
   apply_overrides(cfg, overrides)
   validate(cfg)

@@ -1,0 +1,291 @@
+"""Optimizers: AdamW, Muon (+ AdamW for embeddings / head / router / norms), learning-rate schedules.
+
+Public API
+----------
+``make_schedule(optim_cfg, total_steps, peak=None) -> optax.Schedule``
+    ``constant`` | ``cosine`` | ``wsd`` with a linear warmup, scaled to ``peak`` (default ``optim.lr``).
+``param_labels(cfg, params) -> tree of str``
+    'muon' | 'adam' | 'adam_no_decay' | 'frozen' per leaf (the rule is below).
+``muon_dimension_numbers(cfg, params) -> tree of MuonDimensionNumbers | None``
+    Which axes of each 'muon' leaf are batch / reduction (input) / output axes (None for other leaves).
+``weight_decay_mask(cfg, params) -> tree of bool``
+    Where decoupled weight decay applies (matrices, except the token embedding table).
+``make_optimizer(cfg, params_or_abstract=None, total_steps=None) -> optax.GradientTransformation``
+``learning_rates(cfg, step, total_steps=None) -> dict``
+    Current learning rates for logging: {'lr'} under adamw, {'lr', 'adam_lr'} under muon.
+
+Labelling rule (from the tree path's last key name and the leaf's logical axes, ``model.logical_axes``)
+-------------------------------------------------------------------------------------------------------
+1. ``router_bias`` -> 'frozen': not a gradient parameter (the trainer moves it from expert loads); the
+   optimizer returns a zero update for it and keeps no state for it.
+2. Any leaf with fewer than two axes besides the stacking axis 'layers' (norm ``scale``s, any bias)
+   -> 'adam_no_decay'.
+3. Any leaf with a 'vocab' axis (the embedding table, ``lm_head``) and the MoE ``router`` -> 'adam'.
+4. The block weight matrices named in ``MUON_INPUT_AXES`` (attention q_a, q_b, q, kv_a, kv_b, o;
+   dense MLP / shared expert gate, up, down; routed experts wi_gate, wi_up, wo; MTP eh_proj) -> 'muon'.
+5. Anything else raises ``ValueError`` naming the parameter, so a new weight is placed deliberately.
+
+Muon treats each weight as a batch of 2-D matrices ``x @ W``: the batch axes are 'layers' and 'expert'
+(every layer and every routed expert is orthogonalised on its own), the reduction axes are the logical
+axes in ``MUON_INPUT_AXES[name]`` (the contracted inputs) and the remaining axes are the outputs; multi-axis
+inputs/outputs (``o``: (heads, head_dim) -> embed, ``q_b``: q_lora -> (heads, head_dim)) are flattened
+into one matrix dimension by optax's ``MuonDimensionNumbers`` reshape.
+
+Weight decay is decoupled (``add_decayed_weights`` before the lr scaling, i.e. multiplied by the
+scheduled lr as in PyTorch / optax AdamW) and masked off for norms, biases and the token embedding table
+(as ``configs/base.py`` documents), in both the adamw and the muon recipe.
+
+Step convention: schedules take optax's ``count`` = the number of updates already applied (0 for the first
+update) and evaluate at ``s = step + 1``: warmup gives ``peak * s / warmup_steps`` (the first update is not a
+zero-lr step, update ``warmup_steps - 1`` is the first at peak), and the decay of cosine / wsd reaches
+``min_lr_ratio * peak`` exactly at the last update ``total_steps - 1`` (held there afterwards).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax.contrib import MuonDimensionNumbers, scale_by_muon
+from optax.contrib._muon import scale_by_shape
+
+LABELS = ("muon", "adam", "adam_no_decay", "frozen")
+
+# Weight matrices Muon optimises: leaf name -> logical axes contracted with the input (x @ W).
+MUON_INPUT_AXES: dict[str, tuple[str, ...]] = {
+    "q_a": ("embed",),             # [embed, q_lora]
+    "q_b": ("q_lora",),            # [q_lora, heads, head_dim]
+    "q": ("embed",),               # [embed, heads, head_dim]      (q_lora_rank = 0)
+    "kv_a": ("embed",),            # [embed, kv_lora (+ rope)]
+    "kv_b": ("kv_lora",),          # [kv_lora, heads, head_dim]
+    "o": ("heads", "head_dim"),    # [heads, head_dim, embed]
+    "gate": ("embed",),            # [embed, mlp]                  dense MLP and shared experts
+    "up": ("embed",),              # [embed, mlp]
+    "down": ("mlp",),              # [mlp, embed]
+    "wi_gate": ("embed",),         # [expert, embed, mlp]          routed experts
+    "wi_up": ("embed",),           # [expert, embed, mlp]
+    "wo": ("mlp",),                # [expert, mlp, embed]
+    "eh_proj": ("mtp_in",),        # [mtp_in, embed]               MTP projection of [emb; hidden]
+}
+# Matrices trained by AdamW under muon (besides anything with a 'vocab' axis).
+ADAM_NAMES = ("router",)
+FROZEN_NAMES = ("router_bias",)
+NO_DECAY_NAMES = ("embedding",)    # the token embedding table (also the head when tied)
+BATCH_AXES = ("layers", "expert")
+
+
+# --------------------------------------------------------------------------------------------- schedules
+
+
+def _optim_cfg(cfg):
+  return cfg.optim if "optim" in cfg else cfg
+
+
+def make_schedule(optim_cfg, total_steps: int, peak: float | None = None) -> optax.Schedule:
+  """The learning-rate schedule ``step -> lr`` of ``optim_cfg.schedule`` peaking at ``peak`` (default lr).
+
+  constant: linear warmup over ``warmup_steps``, then ``peak``.
+  cosine:   linear warmup, then cosine from ``peak`` to ``min_lr_ratio * peak`` at the last step.
+  wsd:      linear warmup, constant ``peak``, then a linear decay to ``min_lr_ratio * peak`` over the last
+            ``round(decay_fraction * total_steps)`` steps.
+  Accepts the ``optim`` group or the full config. See the module docstring for the step convention.
+  """
+  o = _optim_cfg(optim_cfg)
+  peak = float(o.lr if peak is None else peak)
+  total = int(total_steps)
+  if total <= 0:
+    raise ValueError(f"make_schedule: total_steps must be positive, got {total_steps}")
+  if o.schedule not in ("constant", "cosine", "wsd"):
+    raise ValueError(f"optim.schedule must be constant | cosine | wsd, got {o.schedule!r}")
+  warmup = int(o.warmup_steps)
+  final = float(o.min_lr_ratio) * peak
+  decay_steps = int(round(float(o.decay_fraction) * total))
+  name = o.schedule
+
+  def schedule(step):
+    s = jnp.asarray(step, jnp.float32) + 1.0
+    warm = jnp.minimum(1.0, s / warmup) if warmup > 0 else jnp.ones_like(s)
+    if name == "constant":
+      main = jnp.full_like(s, peak)
+    elif name == "cosine":
+      span = max(1, total - warmup)
+      frac = jnp.clip((s - warmup) / span, 0.0, 1.0)
+      main = final + (peak - final) * 0.5 * (1.0 + jnp.cos(math.pi * frac))
+    else:  # wsd
+      if decay_steps > 0:
+        frac = jnp.clip((s - (total - decay_steps)) / decay_steps, 0.0, 1.0)
+        main = peak + (final - peak) * frac
+      else:
+        main = jnp.full_like(s, peak)
+    return jnp.where(s <= warmup, peak * warm, main)
+
+  return schedule
+
+
+def _total_steps(cfg, total_steps):
+  return int(cfg.train.steps if total_steps is None else total_steps)
+
+
+def learning_rates(cfg, step, total_steps: int | None = None) -> dict[str, jax.Array]:
+  """Learning rates applied at update ``step`` (0-based): {'lr'} (adamw) or {'lr', 'adam_lr'} (muon)."""
+  o = cfg.optim
+  total = _total_steps(cfg, total_steps)
+  out = {"lr": make_schedule(o, total, o.lr)(step)}
+  if o.name == "muon":
+    out["adam_lr"] = make_schedule(o, total, o.adam_lr)(step)
+  return out
+
+
+# ------------------------------------------------------------------------------------------------ labels
+
+
+def _key_name(k) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def _path_str(path) -> str:
+  return "/".join(_key_name(k) for k in path)
+
+
+def _axes_lookup(axes_tree, path):
+  node = axes_tree
+  for k in path:
+    name = _key_name(k)
+    if not isinstance(node, dict) or name not in node:
+      return None
+    node = node[name]
+  return node if isinstance(node, tuple) else None
+
+
+def _leaf_info(cfg, params):
+  """[(path, leaf, logical axes)] for every leaf of ``params``; axes checked against the leaf's rank."""
+  from joyjax import model  # local import: model is heavier and optim is imported by light tools too
+  axes_tree = model.logical_axes(cfg)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  info = []
+  for path, leaf in leaves:
+    axes = _axes_lookup(axes_tree, path)
+    if axes is None:
+      raise ValueError(f"optim: parameter {_path_str(path)!r} is not in model.logical_axes(cfg); "
+                       "params and config do not describe the same model")
+    if len(axes) != len(leaf.shape):
+      raise ValueError(f"optim: parameter {_path_str(path)!r} has shape {tuple(leaf.shape)} but logical axes "
+                       f"{axes}")
+    info.append((path, leaf, axes))
+  return info, treedef
+
+
+def _label(path, axes) -> str:
+  name = _key_name(path[-1]) if path else ""
+  if name in FROZEN_NAMES:
+    return "frozen"
+  if len([a for a in axes if a != "layers"]) < 2:
+    return "adam_no_decay"
+  if "vocab" in axes or name in ADAM_NAMES:
+    return "adam"
+  if name in MUON_INPUT_AXES:
+    return "muon"
+  raise ValueError(f"optim: no labelling rule for parameter {_path_str(path)!r} with logical axes {axes}; "
+                   "add its name to MUON_INPUT_AXES (with its input axes) or ADAM_NAMES in joyjax/optim.py")
+
+
+def param_labels(cfg, params) -> Any:
+  """The optimizer label of every leaf of ``params`` (arrays or ShapeDtypeStructs); see the module doc."""
+  info, treedef = _leaf_info(cfg, params)
+  return jax.tree_util.tree_unflatten(treedef, [_label(p, a) for p, _, a in info])
+
+
+def _dim_numbers(path, axes) -> MuonDimensionNumbers:
+  name = _key_name(path[-1])
+  inputs = MUON_INPUT_AXES[name]
+  missing = [a for a in inputs if a not in axes]
+  if missing:
+    raise ValueError(f"optim: Muon input axes {inputs} of {_path_str(path)!r} not all in its axes {axes}")
+  reduction = tuple(i for i, a in enumerate(axes) if a in inputs)
+  output = tuple(i for i, a in enumerate(axes) if a not in inputs and a not in BATCH_AXES)
+  if not output:
+    raise ValueError(f"optim: {_path_str(path)!r} with axes {axes} has no output axis for Muon")
+  return MuonDimensionNumbers(reduction_axis=reduction, output_axis=output)
+
+
+def muon_dimension_numbers(cfg, params) -> Any:
+  """MuonDimensionNumbers for every 'muon' leaf (batch = 'layers'/'expert' axes), None elsewhere."""
+  info, treedef = _leaf_info(cfg, params)
+  return jax.tree_util.tree_unflatten(
+      treedef, [_dim_numbers(p, a) if _label(p, a) == "muon" else None for p, _, a in info])
+
+
+def weight_decay_mask(cfg, params) -> Any:
+  """True where decoupled weight decay applies: 'muon' and 'adam' leaves except the embedding table."""
+  info, treedef = _leaf_info(cfg, params)
+
+  def decays(path, axes):
+    return _label(path, axes) in ("muon", "adam") and _key_name(path[-1]) not in NO_DECAY_NAMES
+
+  return jax.tree_util.tree_unflatten(treedef, [decays(p, a) for p, _, a in info])
+
+
+# --------------------------------------------------------------------------------------------- optimizer
+
+
+def clip_by_global_norm_masked(max_norm: float, mask) -> optax.GradientTransformation:
+  """Global-norm clipping whose norm (and scaling) covers only the leaves where ``mask`` is True."""
+  return optax.masked(optax.clip_by_global_norm(max_norm), mask)
+
+
+def make_optimizer(cfg, params_or_abstract=None, total_steps: int | None = None) -> optax.GradientTransformation:
+  """The optax transformation of ``cfg.optim`` for params shaped like ``params_or_abstract``.
+
+  ``params_or_abstract``: the params tree, or its ShapeDtypeStructs (only paths and ranks are read);
+  None = ``model.abstract_params(cfg)``. ``total_steps`` defaults to ``cfg.train.steps``.
+  The state holds only arrays (orbax-saveable); build it with ``jax.eval_shape(tx.init, abstract)``.
+  """
+  from joyjax import model
+  o = cfg.optim
+  params = model.abstract_params(cfg) if params_or_abstract is None else params_or_abstract
+  total = _total_steps(cfg, total_steps)
+  labels = param_labels(cfg, params)
+  decay = weight_decay_mask(cfg, params)
+  trainable = jax.tree.map(lambda l: l != "frozen", labels)
+
+  if o.name == "adamw":
+    group_labels = jax.tree.map(lambda l: "frozen" if l == "frozen" else "adamw", labels)
+    transforms = {
+        "adamw": optax.adamw(make_schedule(o, total, o.lr), b1=o.b1, b2=o.b2, eps=o.eps,
+                             weight_decay=o.weight_decay, mask=decay),
+        "frozen": optax.set_to_zero(),
+    }
+  elif o.name == "muon":
+    group_labels = jax.tree.map(lambda l: "adam" if l == "adam_no_decay" else l, labels)
+    # The muon branch sees a tree whose non-muon leaves are MaskedNode (optax.partition), so its
+    # dimension numbers carry MaskedNode at the same places.
+    dims = muon_dimension_numbers(cfg, params)
+    dims = jax.tree.map(lambda d, l: d if l == "muon" else optax.MaskedNode(), dims, labels,
+                        is_leaf=lambda x: x is None or isinstance(x, MuonDimensionNumbers))
+    transforms = {
+        "muon": optax.chain(
+            scale_by_muon(ns_steps=o.muon_ns_steps, beta=o.muon_momentum, eps=o.eps,
+                          weight_dimension_numbers=dims),
+            scale_by_shape(weight_dimension_numbers=dims),  # sqrt(max(1, fan_out / fan_in))
+            optax.add_decayed_weights(o.weight_decay),
+            optax.scale_by_learning_rate(make_schedule(o, total, o.lr)),
+        ),
+        # AdamW for embeddings / head / router (decayed unless the embedding table) and norms (never).
+        "adam": optax.adamw(make_schedule(o, total, o.adam_lr), b1=o.b1, b2=o.b2, eps=o.eps,
+                            weight_decay=o.weight_decay, mask=decay),
+        "frozen": optax.set_to_zero(),
+    }
+  else:
+    raise ValueError(f"optim.name must be 'adamw' or 'muon', got {o.name!r}")
+
+  transforms = {k: v for k, v in transforms.items() if k in set(jax.tree.leaves(group_labels))}
+  tx = optax.multi_transform(transforms, group_labels)
+  if o.grad_clip > 0:
+    tx = optax.chain(clip_by_global_norm_masked(o.grad_clip, trainable), tx)
+  return tx
