@@ -132,6 +132,8 @@ def get_config() -> ml_collections.ConfigDict:
   p.coordinator = ""               # multi-host: host:port ("" = from the environment)
   p.num_processes = 0
   p.process_id = -1
+  p.rules = ""                     # logical->mesh axis rules merged over the defaults (joyjax/parallel/rules.py),
+                                   # e.g. "embed=fsdp,vocab=" ('name=axis+axis', comma separated; "" = defaults)
 
   c.lock()
   return c

@@ -222,6 +222,15 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if p.tensor > 1:
     _require(a.num_heads % p.tensor == 0, "mesh.tensor",
              f"must divide model.attention.num_heads={a.num_heads}, got {p.tensor}")
+  _require(p.num_processes >= 0, "mesh.num_processes",
+           f"must be >= 0 (0 = from the environment), got {p.num_processes}")
+  _require(not p.coordinator or ":" in p.coordinator, "mesh.coordinator", f"must be host:port, got {p.coordinator!r}")
+  if p.rules:
+    from joyjax.parallel.rules import parse_rules
+    try:
+      parse_rules(p.rules)
+    except ValueError as err:
+      raise ConfigError(f"config key 'mesh.rules': {err}") from err
 
 
 def to_dict(cfg: ml_collections.ConfigDict) -> dict:
