@@ -1,0 +1,234 @@
+"""Per-device memory plan for a mesh, from abstract shapes only (nothing is allocated, no devices needed).
+
+``plan(cfg, num_devices, *, device_memory_gib=0, batch_size=None, seq_len=None) -> dict``
+``main(cfg, args)`` prints it as a table (``joyjax plan --config ... --devices 64 --config.mesh.fsdp=16 ...``).
+
+What is counted, per device (bytes)
+-----------------------------------
+* ``params``: every leaf of ``model.abstract_params(cfg)`` at its shard shape under ``param_specs`` (the real
+  rules, on the mesh shape ``mesh_shape(cfg, num_devices)``), times the ``model.param_dtype`` size.
+* ``opt_state``: the leaves of ``jax.eval_shape(make_optimizer(cfg).init, params)`` at their shard shapes under
+  ``state_specs`` (Muon: one momentum per Muon matrix; AdamW: mu and nu; step counts replicated).
+* ``grads``: one gradient per param leaf, sharded like it; twice that when ``train.grad_accum > 1`` (the
+  accumulator and the micro-batch's gradient).
+* ``gathered_weights``: FSDP all-gathers a block's weights before its matmuls; the largest block's weights
+  gathered over ``fsdp`` and ``expert`` but still split over ``tensor`` and, for the routed experts' weights
+  (``wi_gate``, ``wi_up``, ``wo``), over ``expert``, in ``model.dtype``, for 2 blocks (the current and the
+  prefetched one).
+* ``activations``: an estimate for one micro-batch of ``tokens`` = batch_size / grad_accum / data-parallel size
+  sequences of ``seq_len`` on this device (bytes of ``model.dtype`` = b):
+    - ``residual``: the block inputs saved for the backward pass, (num_layers + mtp layers) * tokens * hidden * b
+      (remat 'full'); with remat 'none' / 'dots' / 'dots_no_batch' every block's working set is saved instead
+      (an upper bound for the dots policies);
+    - ``layer``: one block's working set during its recomputation: q / kv low-rank and per-head q, k, v and
+      output (heads split over ``tensor``), the f32 attention scores and probabilities
+      2 * seqs * heads * seq_len^2 * 4 (the xla attention materialises them), and the MLP: dense
+      3 * width, or MoE top-k * (hidden + 3 * expert width) + 3 * shared width per token;
+    - ``loss``: one cross-entropy chunk of f32 logits and their gradient, 2 * min(loss_chunk, tokens) *
+      vocab / tensor * 4.
+  This is an estimate for sizing meshes; XLA's buffer assignment decides the real peak.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+
+from joyjax.parallel.mesh import MESH_AXES, mesh_shape
+from joyjax.parallel.rules import get_rules, param_specs, shard_shape, state_specs
+
+GIB = 1024 ** 3
+EXPERT_LEAVES = ("wi_gate", "wi_up", "wo")
+REMAT_SAVES_ALL = ("none", "dots", "dots_no_batch")
+
+
+def _key(k) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def _itemsize(dtype) -> int:
+  return np.dtype(dtype).itemsize
+
+
+def _group(path: tuple[str, ...]) -> str:
+  name = path[-1]
+  if name in EXPERT_LEAVES:
+    return "routed experts"
+  if path[0] in ("embed", "lm_head"):
+    return "embedding + head"
+  if name in ("router", "router_bias"):
+    return "routers"
+  if name == "scale":
+    return "norms"
+  if "attn" in path:
+    return "attention"
+  if "shared" in path:
+    return "shared experts"
+  if "mlp" in path:
+    return "dense MLP"
+  return "other (MTP projection)"
+
+
+def _spec_axes(entry) -> tuple[str, ...]:
+  return () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+
+
+def _activations(cfg, sizes: dict, tokens: float, seqs: float, seq_len: int) -> dict[str, float]:
+  m, a, e = cfg.model, cfg.model.attention, cfg.model.moe
+  b = 2 if m.dtype in ("bfloat16", "float16") else 4
+  tp = sizes["tensor"]
+  heads = a.num_heads / tp
+  n_layers = m.num_layers + m.mtp.num_layers
+  qk = a.qk_nope_head_dim + a.qk_rope_head_dim
+  attn = tokens * b * ((a.q_lora_rank + a.kv_lora_rank + a.qk_rope_head_dim)
+                       + heads * (2 * qk + 2 * a.v_head_dim))
+  scores = 2 * seqs * heads * seq_len * seq_len * 4
+  dense = tokens * b * 3 * m.dense_intermediate_size / tp
+  moe = 0.0
+  if m.first_k_dense < m.num_layers or m.mtp.num_layers:
+    moe = tokens * b * (e.num_experts_per_tok * (m.hidden_size + 3 * e.intermediate_size / tp)
+                        + 3 * e.num_shared_experts * e.intermediate_size / tp)
+  layer = attn + scores + max(dense if m.first_k_dense else 0.0, moe) + 2 * tokens * m.hidden_size * b
+  residual = n_layers * tokens * m.hidden_size * b
+  if m.remat in REMAT_SAVES_ALL:
+    residual = n_layers * layer
+  loss = 2 * min(cfg.train.loss_chunk, tokens) * m.vocab_size / tp * 4
+  return {"residual": residual, "layer": layer, "scores": scores, "loss": loss}
+
+
+def plan(cfg, num_devices: int, *, device_memory_gib: float = 0, batch_size: int | None = None,
+         seq_len: int | None = None) -> dict[str, Any]:
+  """The per-device memory plan (bytes) of ``cfg`` on ``num_devices`` devices; see the module doc."""
+  from joyjax import model, optim
+  sizes = mesh_shape(cfg, num_devices)
+  rules = get_rules(cfg)
+  abstract = model.abstract_params(cfg)
+  pspecs = param_specs(cfg, sizes, abstract, rules)
+  pdtype = _itemsize(jax.tree.leaves(abstract)[0].dtype)
+  cdtype = 2 if cfg.model.dtype in ("bfloat16", "float16") else 4
+
+  flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
+  spec_leaves = jax.tree.leaves(pspecs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  axes_leaves = jax.tree.leaves(model.logical_axes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+  groups: dict[str, int] = {}
+  param_bytes = total_params = 0
+  gathered: dict[str, float] = {}
+  for (path, leaf), spec, axes in zip(flat, spec_leaves, axes_leaves):
+    names = tuple(_key(k) for k in path)
+    shard = math.prod(shard_shape(leaf.shape, spec, sizes)) * _itemsize(leaf.dtype)
+    param_bytes += shard
+    total_params += math.prod(leaf.shape)
+    g = _group(names)
+    groups[g] = groups.get(g, 0) + shard
+    # one block's weights after the FSDP all-gather: still split over tensor, and over expert on the expert dim
+    if "layers" in axes and names[-1] != "router_bias":
+      keep = 1
+      for dim_axes, name in zip((_spec_axes(spec[i]) if i < len(spec) else () for i in range(len(axes))), axes):
+        keep *= math.prod(sizes[x] for x in dim_axes
+                          if x == "tensor" or (x == "expert" and name == "expert" and names[-1] in EXPERT_LEAVES))
+      n_stack = leaf.shape[axes.index("layers")]
+      gathered[names[0]] = gathered.get(names[0], 0) + math.prod(leaf.shape) / n_stack / keep * cdtype
+
+  tx = optim.make_optimizer(cfg, abstract)
+  abstract_state = jax.eval_shape(tx.init, abstract)
+  sspecs = state_specs(cfg, sizes, abstract_state, rules)
+  opt_bytes = 0
+  for leaf, spec in zip(jax.tree.leaves(abstract_state),
+                        jax.tree.leaves(sspecs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))):
+    opt_bytes += math.prod(shard_shape(leaf.shape, spec, sizes)) * _itemsize(leaf.dtype)
+
+  grad_bytes = param_bytes * (2 if cfg.train.grad_accum > 1 else 1)
+
+  batch_size = cfg.train.batch_size if batch_size is None else int(batch_size)
+  seq_len = cfg.data.seq_len if seq_len is None else int(seq_len)
+  dp = math.prod(sizes[a] for a in dict(rules).get("batch", ()))
+  micro = batch_size / cfg.train.grad_accum
+  seqs = micro / dp
+  warnings = []
+  if micro % dp:
+    warnings.append(f"train.batch_size / train.grad_accum = {micro:g} sequences is not a multiple of the "
+                    f"data-parallel size {dp} (dcn_data * data * fsdp * expert)")
+  tokens = seqs * seq_len
+  act = _activations(cfg, sizes, tokens, seqs, seq_len)
+  act_bytes = act["residual"] + act["layer"] + act["loss"]
+  gathered_bytes = 2 * max(gathered.values(), default=0)
+  total = param_bytes + opt_bytes + grad_bytes + gathered_bytes + act_bytes
+  mem = float(device_memory_gib) * GIB
+  return {
+      "num_devices": int(num_devices),
+      "mesh": sizes,
+      "data_parallel": dp,
+      "param_count": total_params,
+      "param_bytes_total": total_params * pdtype,
+      "batch_size": batch_size,
+      "seq_len": seq_len,
+      "micro_batch_per_device": seqs,
+      "tokens_per_device": tokens,
+      "param_bytes": param_bytes,
+      "param_groups": dict(sorted(groups.items(), key=lambda kv: -kv[1])),
+      "opt_state_bytes": opt_bytes,
+      "grad_bytes": grad_bytes,
+      "gathered_weights_bytes": gathered_bytes,
+      "activation_bytes": act_bytes,
+      "activations": act,
+      "total_bytes": total,
+      "device_memory_bytes": mem,
+      "fits": (total <= mem) if mem > 0 else None,
+      "warnings": warnings,
+  }
+
+
+def format_plan(p: dict, cfg=None) -> str:
+  g = lambda x: f"{x / GIB:10.3f}"  # noqa: E731
+  mesh = " ".join(f"{a}={p['mesh'][a]}" for a in MESH_AXES)
+  lines = [
+      f"mesh on {p['num_devices']} devices: {mesh}  (batch split {p['data_parallel']} ways)",
+      f"model: {p['param_count'] / 1e9:.3f} B params, {p['param_bytes_total'] / GIB:.2f} GiB unsharded",
+      f"batch: {p['batch_size']} x {p['seq_len']} tokens; per device per micro-batch: "
+      f"{p['micro_batch_per_device']:g} sequences, {p['tokens_per_device']:,.0f} tokens",
+      "",
+      f"{'per device':<44}{'GiB':>10}",
+      f"{'params':<44}{g(p['param_bytes'])}",
+  ]
+  lines += [f"{'  ' + k:<44}{g(v)}" for k, v in p["param_groups"].items()]
+  name = cfg.optim.name if cfg is not None else "optimizer"
+  remat = cfg.model.remat if cfg is not None else "?"
+  lines += [
+      f"{'optimizer state (' + name + ')':<44}{g(p['opt_state_bytes'])}",
+      f"{'gradients':<44}{g(p['grad_bytes'])}",
+      f"{'gathered weights (FSDP, 2 blocks)':<44}{g(p['gathered_weights_bytes'])}",
+      f"{'activations (remat=' + remat + ', estimate)':<44}{g(p['activation_bytes'])}",
+      f"{'  saved block inputs':<44}{g(p['activations']['residual'])}",
+      f"{'  one block working set':<44}{g(p['activations']['layer'])}",
+      f"{'    of which attention scores (f32)':<44}{g(p['activations']['scores'])}",
+      f"{'  loss chunk (f32 logits + grad)':<44}{g(p['activations']['loss'])}",
+      f"{'total':<44}{g(p['total_bytes'])}",
+  ]
+  if p["device_memory_bytes"] > 0:
+    mem = p["device_memory_bytes"]
+    verdict = ("fits" if p["fits"] else f"does NOT fit: short by {(p['total_bytes'] - mem) / GIB:.2f} GiB "
+               "(more fsdp/expert, remat=full, a smaller micro-batch via train.grad_accum)")
+    lines.append(f"{'device memory':<44}{g(mem)}  {verdict} ({100 * p['total_bytes'] / mem:.0f}% used)")
+  lines += [f"warning: {w}" for w in p["warnings"]]
+  return "\n".join(lines)
+
+
+def main(cfg, args) -> dict:
+  """``joyjax plan``: ``args.devices`` (0 = the devices here), ``args.device_memory_gib`` (0 = ask the device)."""
+  n = int(getattr(args, "devices", 0) or 0)
+  mem = float(getattr(args, "device_memory_gib", 0) or 0)
+  if n <= 0:
+    n = jax.device_count()
+    if mem <= 0:
+      stats = jax.devices()[0].memory_stats() or {}
+      mem = stats.get("bytes_limit", 0) / GIB
+  p = plan(cfg, n, device_memory_gib=mem)
+  print(f"joyjax plan: {getattr(args, 'config', '')}".rstrip())
+  print(format_plan(p, cfg))
+  return p
