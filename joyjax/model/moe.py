@@ -59,6 +59,7 @@ class MoE(nnx.Module):
     self.scoring_func, self.norm_topk_prob = e.scoring_func, bool(e.norm_topk_prob)
     self.routed_scaling_factor = float(e.routed_scaling_factor)
     self.impl = e.impl
+    self.capacity_factor = float(e.get("capacity_factor", 0.0))  # expert parallelism only; 0 = dropless
     self.dtype = dtype
     # The router runs in float32 whatever the compute dtype: top-k over near-ties is precision sensitive.
     self.router = param(rngs, (h, e.num_experts), ("embed", "expert"), std=std, dtype=param_dtype)
@@ -74,7 +75,8 @@ class MoE(nnx.Module):
 
   def __call__(self, x):
     """x: [b, s, embed] -> (out [b, s, embed], aux) with aux['expert_counts'] [E] (tokens routed to each
-    expert, for the bias update and load statistics) and aux['balance'] (the sequence-wise balance loss)."""
+    expert, for the bias update and load statistics), aux['balance'] (the sequence-wise balance loss) and
+    aux['dropped_tokens'] (float32: (token, slot) rows dropped by expert-parallel capacity; 0 if dropless)."""
     b, s, h = x.shape
     flat = x.reshape(b * s, h)
     logits = flat.astype(jnp.float32) @ self.router[...].astype(jnp.float32)
@@ -82,21 +84,32 @@ class MoE(nnx.Module):
                                  topk_group=self.topk_group, scoring_func=self.scoring_func,
                                  norm_topk_prob=self.norm_topk_prob,
                                  routed_scaling_factor=self.routed_scaling_factor)
-    routed = self.experts(flat, weights, ids)
+    routed, dropped = self.experts(flat, weights, ids)
     out = routed.astype(x.dtype).reshape(b, s, h)
     if self.has_shared:
       out = out + self.shared(x)
     counts = jnp.zeros((self.num_experts,), jnp.float32).at[ids.reshape(-1)].add(1.0)
-    return out, {"expert_counts": counts, "balance": self._balance(ids.reshape(b, s, -1), scores.reshape(b, s, -1))}
+    balance = self._balance(ids.reshape(b, s, -1), scores.reshape(b, s, -1))
+    return out, {"expert_counts": counts, "balance": balance, "dropped_tokens": dropped}
 
   def experts(self, flat, weights, ids):
-    """Routed experts: [T, embed] -> [T, embed] float32, through the kernel boundary."""
+    """Routed experts: [T, embed] -> ([T, embed] float32, dropped rows [] float32), through the kernels.
+
+    Under a mesh with an 'expert' axis of size > 1 (set by the caller with ``jax.set_mesh(mesh)``), the
+    experts are sharded over it and tokens travel by all-to-all (``joyjax.parallel.expert``); otherwise
+    one shard computes them all."""
     d = self.dtype
+    from joyjax.parallel import expert as ep_lib  # lazy: the model does not otherwise depend on parallel/
+    mesh = ep_lib.current_mesh()
+    if ep_lib.expert_axis_size(mesh) > 1:
+      w = (self.wi_gate[...], self.wi_up[...], self.wo[...])
+      return ep_lib.expert_parallel_experts(flat, weights, ids, *w, mesh=mesh, num_experts=self.num_experts,
+                                            capacity_factor=self.capacity_factor, impl=self.impl, dtype=d)
     x_sorted, group_sizes, order = kernels.permute(flat, ids, self.num_experts)
     gate = kernels.grouped_matmul(x_sorted, self.wi_gate[...].astype(d), group_sizes, impl=self.impl)
     up = kernels.grouped_matmul(x_sorted, self.wi_up[...].astype(d), group_sizes, impl=self.impl)
     y = kernels.grouped_matmul(jax.nn.silu(gate) * up, self.wo[...].astype(d), group_sizes, impl=self.impl)
-    return kernels.unpermute(y, order, weights)
+    return kernels.unpermute(y, order, weights), jnp.zeros((), jnp.float32)
 
   def _balance(self, ids, scores):
     """DeepSeek-V3 sequence-wise balance loss, averaged over sequences: sum_i f_i * P_i with
