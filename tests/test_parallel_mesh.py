@@ -3,9 +3,11 @@
 Runs on 8 CPU host devices (tests/conftest.py); the multi-process test starts 2 processes on localhost.
 """
 
+import dataclasses
 import json
 import math
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -77,6 +79,30 @@ def test_make_mesh_on_a_subset_and_abstract_mesh():
   assert dict(mesh.shape)["fsdp"] == 2 and mesh.devices.size == 4
   am = mesh_lib.abstract_mesh(cfg, 256)
   assert dict(am.shape) == dict(dcn_data=1, data=2, fsdp=128, expert=1, tensor=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _FakeGpu:
+  id: int
+  process_index: int
+  platform: str = "gpu"
+  device_kind: str = "NVIDIA H100 80GB HBM3"
+
+
+@pytest.mark.parametrize("overrides, groups", [
+    (["--config.mesh.dcn_data=4", "--config.mesh.fsdp=8"], [[0], [1], [2], [3]]),     # hybrid: a node per row
+    (["--config.mesh.dcn_data=2", "--config.mesh.fsdp=16"], [[0, 1], [2, 3]]),        # two nodes per row
+    (["--config.mesh.fsdp=-1"], [[0, 1, 2, 3]]),
+])
+def test_multi_node_gpu_layout_keeps_dcn_data_across_nodes(overrides, groups):
+  """4 nodes x 8 GPUs (device objects standing in for GPUs): dcn_data rows never share a node."""
+  devices = [_FakeGpu(i, i // 8) for i in range(32)]
+  random.Random(0).shuffle(devices)
+  arr = mesh_lib._device_array(mesh_shape(tiny(*overrides), 32), devices)
+  assert arr.shape[0] == len(groups)
+  for row, procs in zip(arr, groups):
+    assert sorted({d.process_index for d in row.flat}) == procs
+  assert sorted(d.id for d in arr.flat) == list(range(32))
 
 
 # ------------------------------------------------------------------------------------------------ rules

@@ -119,10 +119,10 @@ def _device_array(shape: dict[str, int], devices: Sequence[Any]) -> np.ndarray:
     log.warning("devices span several TPU slices but mesh.dcn_data=1: the mesh crosses the data-center network "
                 "inside ICI axes; set --config.mesh.dcn_data=<number of slices>")
   try:
-    return mesh_utils.create_device_mesh(dims, devices)
+    return mesh_utils.create_device_mesh(dims, ordered)
   except (ValueError, NotImplementedError, AssertionError) as e:
     try:
-      return mesh_utils.create_device_mesh(dims, devices, allow_split_physical_axes=True)
+      return mesh_utils.create_device_mesh(dims, ordered, allow_split_physical_axes=True)
     except (ValueError, NotImplementedError, AssertionError):
       log.warning("create_device_mesh(%s) failed on %s (%s); falling back to a plain reshape (topology ignored)",
                   dims, platform, e)
