@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import numbers
 
+import numpy as np
+
 
 def _model_cfg(cfg):
   return cfg.model if "model" in cfg else cfg
@@ -122,6 +124,16 @@ _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "f32
                   "fp8": "float8", "float8_e4m3fn": "float8", "float8_e5m2": "float8"}
 
 
+def _dtype_name(dtype) -> str:
+  """'bfloat16' for 'bfloat16', 'bf16', jnp.bfloat16 (a scalar type, which has no ``.name``), a numpy dtype, ..."""
+  if not isinstance(dtype, str):
+    try:
+      return np.dtype(dtype).name
+    except TypeError:
+      pass
+  return str(getattr(dtype, "name", dtype)).lower()
+
+
 def peak_flops_per_device(device_kind: str | None, dtype="bfloat16", *, peak_tflops: float = 0.0) -> float | None:
   """Peak dense FLOP/s of one device of ``device_kind`` (``jax.devices()[0].device_kind``) for matmuls in
   ``dtype``; ``peak_tflops`` > 0 (the config's ``train.peak_tflops``) overrides the table. None when unknown
@@ -130,7 +142,7 @@ def peak_flops_per_device(device_kind: str | None, dtype="bfloat16", *, peak_tfl
     return float(peak_tflops) * 1e12
   if not device_kind:
     return None
-  name = str(getattr(dtype, "name", dtype)).lower()
+  name = _dtype_name(dtype)
   name = _DTYPE_ALIASES.get(name, name)
   kind = device_kind.lower()
   for key, peaks in _PEAKS:
