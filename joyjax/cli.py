@@ -111,6 +111,9 @@ COMMANDS = {"train": cmd_train, "params": cmd_params, "summary": cmd_summary, "c
 
 def main(argv=None):
   logging.basicConfig(level=logging.INFO, format="%(message)s")
+  # orbax and jax log every checkpoint phase at INFO through absl; keep their warnings, drop the chatter.
+  for name in ("absl", "orbax", "jax", "etils"):
+    logging.getLogger(name).setLevel(logging.WARNING)
   argv = list(sys.argv[1:] if argv is None else argv)
   overrides = [a for a in argv if a.startswith("--config.")]
   rest = [a for a in argv if not a.startswith("--config.")]

@@ -1,0 +1,135 @@
+"""Language-model pretraining loss: next-token cross-entropy (+ z-loss) + MTP + sequence-wise balance loss.
+
+The cross-entropy is computed in chunks of ``train.loss_chunk`` tokens under ``jax.checkpoint``: the logits of
+one chunk ([chunk, vocab], float32) exist at a time, forward and backward, so a 129K vocabulary never
+materialises as [batch, seq, vocab].
+
+Normalisation is by *denominators passed in* (token counts of the whole optimizer batch), not by the
+micro-batch's own counts: the loss of k micro-batches then sums to exactly the loss of the large batch, which
+is what makes gradient accumulation equal one large batch.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from joyjax import model
+
+
+def chunked_cross_entropy(hidden, head_w, targets, weights, *, chunk: int):
+  """Sums over tokens of cross-entropy, log(Z)^2 and correct top-1 predictions, weighted by ``weights``.
+
+  hidden: [b, s, e] (compute dtype); head_w: [e, vocab]; targets: [b, s] int; weights: [b, s] float.
+  Returns (ce_sum, z_sum, correct_sum), float32 scalars. Weight-0 tokens contribute exactly nothing (their
+  terms are selected away, so a non-finite logit there cannot leak into the sums or the gradient).
+  """
+  e = hidden.shape[-1]
+  h = hidden.reshape(-1, e)
+  t = targets.reshape(-1).astype(jnp.int32)
+  w = weights.reshape(-1).astype(jnp.float32)
+  n = h.shape[0]
+  chunk = max(1, min(int(chunk), n))
+  pad = (-n) % chunk
+  if pad:
+    h = jnp.pad(h, ((0, pad), (0, 0)))
+    t = jnp.pad(t, (0, pad))
+    w = jnp.pad(w, (0, pad))
+  nc = h.shape[0] // chunk
+  head_w = head_w.astype(hidden.dtype)
+
+  @jax.checkpoint
+  def one(hc, tc, wc):
+    logits = jnp.einsum("ne,ev->nv", hc, head_w, preferred_element_type=jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    tgt = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
+    live = wc != 0
+    ce = jnp.where(live, (lse - tgt) * wc, 0.0)
+    z = jnp.where(live, jnp.square(lse) * wc, 0.0)
+    correct = jnp.where(live, (jnp.argmax(logits, axis=-1) == tc) * wc, 0.0)
+    return jnp.sum(ce), jnp.sum(z), jnp.sum(correct)
+
+  def body(acc, xs):
+    out = one(*xs)
+    return tuple(a + o for a, o in zip(acc, out)), None
+
+  zero = jnp.zeros((), jnp.float32)
+  (ce, z, correct), _ = jax.lax.scan(
+      body, (zero, zero, zero),
+      (h.reshape(nc, chunk, e), t.reshape(nc, chunk), w.reshape(nc, chunk)))
+  return ce, z, jax.lax.stop_gradient(correct)
+
+
+def mtp_weights(batch, depth: int):
+  """Weights of MTP module ``depth`` (0-based): position i predicts ``targets[i + depth + 1]``, valid when that
+  target is a real next token of the same document as position i."""
+  mask = batch["loss_mask"].astype(jnp.float32)
+  seg = batch["segment_ids"]
+  k = depth + 1
+  s = mask.shape[1]
+  if k >= s:
+    return jnp.zeros_like(mask)
+  shifted_mask = jnp.pad(mask[:, k:], ((0, 0), (0, k)))
+  same = jnp.pad(seg[:, k:], ((0, 0), (0, k))) == seg
+  return shifted_mask * same * (seg != 0)
+
+
+def mtp_targets(batch, depth: int):
+  k = depth + 1
+  return jnp.pad(batch["targets"][:, k:], ((0, 0), (0, k)))
+
+
+def denominators(cfg, batch) -> dict:
+  """Normalisers of the loss terms over a whole (optimizer) batch: tokens, MTP tokens per depth, sequences."""
+  out = {"tokens": jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0),
+         "sequences": jnp.asarray(batch["inputs"].shape[0], jnp.float32)}
+  n_mtp = cfg.model.mtp.num_layers if cfg.train.mtp_loss_weight > 0 else 0
+  out["mtp_tokens"] = jnp.stack([jnp.maximum(jnp.sum(mtp_weights(batch, d)), 1.0) for d in range(n_mtp)]) \
+      if n_mtp else jnp.zeros((0,), jnp.float32)
+  return out
+
+
+def lm_loss(cfg, params, batch, denom):
+  """The pretraining loss of ``batch`` (keys inputs, targets, segment_ids, positions, loss_mask) normalised by
+  ``denom`` (from ``denominators`` of the full optimizer batch). Returns (loss, aux) where aux holds the
+  summed statistics (for metrics) and per-layer expert token counts (for the router-bias update)."""
+  t = cfg.train
+  use_mtp = cfg.model.mtp.num_layers > 0 and t.mtp_loss_weight > 0
+  hidden, mtp_hidden, aux, _ = model.forward_hidden(
+      cfg, params, batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"],
+      with_mtp=use_mtp)
+  head_w = model.head_weights(cfg, params)
+  mask = batch["loss_mask"].astype(jnp.float32)
+  ce, z, correct = chunked_cross_entropy(hidden, head_w, batch["targets"], mask, chunk=t.loss_chunk)
+  loss = ce / denom["tokens"]
+  stats = {"ce_sum": ce, "z_sum": z, "correct_sum": correct, "tokens": jnp.sum(mask)}
+  if t.z_loss > 0:
+    loss = loss + t.z_loss * z / denom["tokens"]
+  if use_mtp:
+    mtp_total = 0.0
+    for d, h in enumerate(mtp_hidden):
+      mce, _, _ = chunked_cross_entropy(h, head_w, mtp_targets(batch, d), mtp_weights(batch, d),
+                                        chunk=t.loss_chunk)
+      stats[f"mtp{d}_ce_sum"] = mce
+      mtp_total = mtp_total + mce / denom["mtp_tokens"][d]
+    # DeepSeek-V3: the MTP loss is the mean over depths, times its weight.
+    loss = loss + t.mtp_loss_weight * mtp_total / len(mtp_hidden)
+  counts = []
+  balance = jnp.zeros((), jnp.float32)
+  dropped = jnp.zeros((), jnp.float32)
+  if "moe_layers" in aux:
+    moe = aux["moe_layers"]
+    counts.append(moe["expert_counts"])
+    balance = jnp.sum(moe["balance"])  # summed over MoE layers; each is a mean over sequences
+    if "dropped_tokens" in moe:
+      dropped = jnp.sum(moe["dropped_tokens"])
+  if t.balance_loss_alpha > 0:
+    # Weighted by this micro-batch's share of sequences so micro-batches sum to the large batch's mean.
+    share = batch["inputs"].shape[0] / denom["sequences"]
+    loss = loss + t.balance_loss_alpha * balance * share
+  stats["balance_sum"] = balance * batch["inputs"].shape[0]
+  stats["dropped_tokens"] = dropped
+  stats["expert_counts"] = counts[0] if counts else jnp.zeros((0, 0), jnp.float32)
+  if "mtp" in aux and "expert_counts" in aux["mtp"]:
+    stats["mtp_expert_counts"] = aux["mtp"]["expert_counts"]
+  return loss, stats

@@ -1,0 +1,1 @@
+"""Training: state, the pure step function, the loop, checkpoints, metrics, sampling."""

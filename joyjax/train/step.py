@@ -1,0 +1,120 @@
+"""The pure training step: ``train_step(state, batch) -> (state, metrics)``.
+
+One optimizer step over ``train.batch_size`` sequences in ``train.grad_accum`` micro-batches (a ``lax.scan``,
+so memory is that of one micro-batch); each micro-batch's loss is normalised by the whole batch's token
+counts (``losses.lm.denominators``), so k micro-batches give the large batch's gradient.
+
+After the update, the aux-loss-free router biases move by ``train.router_bias_rate`` towards balance:
+b_i += gamma * sign(mean_j c_j - c_i) per MoE layer (DeepSeek-V3), from the step's per-expert token counts.
+They are params the optimizer leaves alone (label 'frozen').
+
+A step whose loss or gradient norm is not finite changes nothing but ``step``, ``nonfinite`` (the run of
+such steps) and ``skipped``; the loop stops when ``nonfinite`` reaches ``train.max_nonfinite``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from joyjax import optim
+from joyjax.losses import lm
+
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+
+
+def _split_micro(batch, k: int):
+  def one(x):
+    if x.shape[0] % k:
+      raise ValueError(f"batch of {x.shape[0]} sequences does not split into train.grad_accum={k} micro-batches")
+    return x.reshape(k, x.shape[0] // k, *x.shape[1:])
+  return jax.tree.map(one, batch)
+
+
+def update_router_bias(bias, counts, rate: float):
+  """bias [..., E] += rate * sign(mean(counts) - counts) over the expert axis (float32)."""
+  mean = jnp.mean(counts, axis=-1, keepdims=True)
+  return (bias.astype(jnp.float32) + rate * jnp.sign(mean - counts)).astype(bias.dtype)
+
+
+def _apply_bias_updates(params, stats, rate: float):
+  params = dict(params)
+  if "moe_layers" in params and stats["expert_counts"].size:
+    moe = dict(params["moe_layers"])
+    mlp = dict(moe["mlp"])
+    mlp["router_bias"] = update_router_bias(mlp["router_bias"], stats["expert_counts"], rate)
+    moe["mlp"] = mlp
+    params["moe_layers"] = moe
+  if "mtp_expert_counts" in stats and "mtp" in params:
+    mtp = dict(params["mtp"])
+    block = dict(mtp["block"])
+    mlp = dict(block["mlp"])
+    mlp["router_bias"] = update_router_bias(mlp["router_bias"], stats["mtp_expert_counts"], rate)
+    block["mlp"] = mlp
+    mtp["block"] = block
+    params["mtp"] = mtp
+  return params
+
+
+def make_train_step(cfg, tx: optax.GradientTransformation, total_steps: int | None = None):
+  """The step function for ``cfg`` and the optimizer ``tx`` (jit it with shardings and donation)."""
+  t = cfg.train
+  k = int(t.grad_accum)
+  total = int(t.steps if total_steps is None else total_steps)
+
+  def loss_fn(params, micro, denom):
+    return lm.lm_loss(cfg, params, micro, denom)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(state, batch):
+    batch = {key: batch[key] for key in BATCH_KEYS}
+    denom = lm.denominators(cfg, batch)
+    params = state["params"]
+    if k == 1:
+      (loss, stats), grads = grad_fn(params, batch, denom)
+    else:
+      def body(acc, micro):
+        (l, s), g = grad_fn(params, micro, denom)
+        return jax.tree.map(jnp.add, acc, (l, s, g)), None
+      zeros = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], _split_micro(batch, k)), denom)
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+      (loss, stats, grads), _ = jax.lax.scan(body, (zeros[0][0], zeros[0][1], zeros[1]), _split_micro(batch, k))
+
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    if t.router_bias_rate > 0:
+      new_params = _apply_bias_updates(new_params, stats, float(t.router_bias_rate))
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = {
+        "step": state["step"] + 1,
+        "params": keep(new_params, params),
+        "opt_state": keep(new_opt, state["opt_state"]),
+        "nonfinite": jnp.where(finite, 0, state["nonfinite"] + 1).astype(jnp.int32),
+        "skipped": state["skipped"] + (~finite).astype(jnp.int32),
+    }
+    tokens = stats["tokens"]
+    metrics = {
+        "loss": stats["ce_sum"] / jnp.maximum(tokens, 1.0),
+        "total_loss": loss,
+        "accuracy": stats["correct_sum"] / jnp.maximum(tokens, 1.0),
+        "z_loss": stats["z_sum"] / jnp.maximum(tokens, 1.0),
+        "balance_loss": stats["balance_sum"] / denom["sequences"],
+        "grad_norm": grad_norm,
+        "param_norm": optax.global_norm(params),
+        "loss_tokens": tokens,
+        "dropped_tokens": stats["dropped_tokens"],
+        "finite": finite,
+        "nonfinite": new_state["nonfinite"],
+        "skipped": new_state["skipped"],
+        "expert_counts": stats["expert_counts"],
+        **{f"lr/{name}": v for name, v in optim.learning_rates(cfg, state["step"], total).items()},
+    }
+    for d in range(denom["mtp_tokens"].shape[0]):
+      metrics[f"mtp{d}_loss"] = stats[f"mtp{d}_ce_sum"] / denom["mtp_tokens"][d]
+    return new_state, metrics
+
+  return train_step
