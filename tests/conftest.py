@@ -9,3 +9,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# The train-step compile of even the tiny model takes tens of seconds on 2 CPU cores; tests that compile the
+# same program again (a resumed run, a subprocess) load it from this cache instead.
+import tempfile  # noqa: E402
+
+_CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                               os.path.join(tempfile.gettempdir(), f"joyjax-test-jax-cache-{os.getuid()}"))
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -116,7 +116,7 @@ def train(cfg, *, stop_after: int | None = None, stream=None, print_sample: bool
   tx = optim.make_optimizer(cfg, model.abstract_params(cfg), total)
   abstract = state_lib.abstract_state(cfg, tx)
   state_sh = rules.state_shardings(cfg, mesh, abstract)
-  batch_sh = rules.batch_sharding(mesh)
+  batch_sh = rules.batch_sharding(mesh, rules.get_rules(cfg))
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
 
   ckpt = checkpoint.Checkpointer(cfg.train.output_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
