@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -58,14 +59,33 @@ def permute(x: jax.Array, expert_ids: jax.Array, num_experts: int):
 
   x: [T, H]; expert_ids: [T, k] int. Returns (x_sorted [T*k, H], group_sizes [E] int32, order [T*k]) where
   ``order[j]`` is the flat (token * k + slot) index of sorted row j. Sorting is stable, so rows of one expert keep
-  token order.
+  token order. The backward pass is a gather through the inverse permutation and a sum over the k slots (no
+  scatter-add, which serialises on GPUs).
   """
   flat = expert_ids.reshape(-1)
-  order = jnp.argsort(flat, stable=True)
+  order = jnp.argsort(flat, stable=True).astype(jnp.int32)
   k = expert_ids.shape[-1]
-  x_sorted = jnp.take(x, order // k, axis=0)
   group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-  return x_sorted, group_sizes, order
+  return _gather_rows(x, order, k), group_sizes, order
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _gather_rows(x, order, k: int):
+  return jnp.take(x, order // k, axis=0)
+
+
+def _gather_rows_fwd(x, order, k):
+  return _gather_rows(x, order, k), order
+
+
+def _gather_rows_bwd(k, order, d_sorted):
+  inv = jnp.argsort(order)  # sorted row of (token, slot)
+  t = order.shape[0] // k
+  dx = jnp.take(d_sorted, inv, axis=0).reshape(t, k, -1).sum(axis=1, dtype=jnp.float32)
+  return dx.astype(d_sorted.dtype), None
+
+
+_gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
 def unpermute(y_sorted: jax.Array, order: jax.Array, weights: jax.Array) -> jax.Array:
@@ -74,7 +94,33 @@ def unpermute(y_sorted: jax.Array, order: jax.Array, weights: jax.Array) -> jax.
   y_sorted: [T*k, N]; order: from ``permute``; weights: [T, k]. Returns [T, N] float32:
   out[t] = sum_s weights[t, s] * y[row of (t, s)].
   """
+  return _combine(y_sorted, order, weights)
+
+
+@jax.custom_vjp
+def _combine(y_sorted, order, weights):
   t, k = weights.shape
   inv = jnp.argsort(order)  # row of (t, s) in sorted order
   y = jnp.take(y_sorted, inv, axis=0).astype(jnp.float32).reshape(t, k, -1)
   return jnp.einsum("tkn,tk->tn", y, weights.astype(jnp.float32))
+
+
+def _combine_fwd(y_sorted, order, weights):
+  return _combine(y_sorted, order, weights), (y_sorted, order, weights)
+
+
+def _combine_bwd(res, dout):
+  """d_y_sorted[j] = w[order[j]] * dout[token of order[j]] (a gather in sorted order);
+  d_w[t, s] = <y[row of (t, s)], dout[t]>."""
+  y_sorted, order, weights = res
+  t, k = weights.shape
+  dout = dout.astype(jnp.float32)
+  w_sorted = weights.reshape(-1)[order].astype(jnp.float32)
+  dy = (jnp.take(dout, order // k, axis=0) * w_sorted[:, None]).astype(y_sorted.dtype)
+  inv = jnp.argsort(order)
+  y = jnp.take(y_sorted, inv, axis=0).astype(jnp.float32).reshape(t, k, -1)
+  dw = jnp.einsum("tkn,tn->tk", y, dout).astype(weights.dtype)
+  return dy, None, dw
+
+
+_combine.defvjp(_combine_fwd, _combine_bwd)
