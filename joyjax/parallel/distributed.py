@@ -158,3 +158,21 @@ def process_info() -> dict:
       "distributed": _STATE["initialized"],
       "coordinator": _STATE["coordinator"],
   }
+
+
+def barrier(name: str, timeout_s: float = 3600.0) -> None:
+  """Waits until every process reaches ``barrier(name)``; a no-op with one process.
+
+  Uses the coordination service (not a device collective): on CPU the first collective of a program opens a
+  gloo context that times out after 30 s, so processes that finish compiling a minute apart (2 cores, one
+  process hitting the compilation cache) must meet here before running it. Every process calls it with the
+  same ``name``, once."""
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed as jax_distributed  # the coordination client; no public handle in jax 0.10
+  client = jax_distributed.global_state.client
+  if client is None:  # a runtime that does not go through jax.distributed (none in practice): a device sync
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+    return
+  client.wait_at_barrier(f"joyjax:{name}", int(timeout_s * 1000))

@@ -4,7 +4,8 @@ Layout of a training run::
 
   <output_dir>/checkpoints/<step>/
       state/    the state pytree (params, optimizer state, step, router biases, ...), OCDBT/zarr arrays
-      data/     JSON: {"step": step, "data_state": <the grain iterator state or null>}
+      data/     JSON: {"step": step, "data_state": <the grain iterator state or null>}; a multi-process run
+                also stores "process_data_states": [the state of process 0, of process 1, ...]
       config/   JSON: the config as a dict
       commit_success.txt, _CHECKPOINT_METADATA
 
@@ -35,7 +36,9 @@ written on one mesh restores onto any other mesh.
 
 Multi-process: every process calls ``save`` / ``restore`` / ``wait`` / ``close`` (they contain barriers);
 orbax decides which process writes what. This module itself writes (the renaming of unfinished step
-directories) only from the primary process, followed by a barrier.
+directories) only from the primary process, followed by a barrier. Each process has its own data iterator
+state (it reads its own documents); orbax writes JSON items from the primary process only, so ``save`` gathers
+every process's ``data_state`` into the item and ``restore`` hands each process back its own.
 """
 
 from __future__ import annotations
@@ -124,6 +127,19 @@ def _decode_json(obj):
   if isinstance(obj, list):
     return [_decode_json(v) for v in obj]
   return obj
+
+
+def _gather_processes(obj) -> list:
+  """``[obj of process 0, obj of process 1, ...]`` for a JSON-able ``obj``; every process must call it."""
+  if jax.process_count() == 1:
+    return [obj]
+  from jax.experimental import multihost_utils
+  blob = np.frombuffer(json.dumps(obj, allow_nan=True).encode("utf-8"), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.int32(blob.size))).reshape(-1)
+  padded = np.zeros(max(int(sizes.max()), 1), np.uint8)
+  padded[:blob.size] = blob
+  blobs = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+  return [json.loads(blobs[i, :int(n)].tobytes().decode("utf-8")) for i, n in enumerate(sizes)]
 
 
 def _json_item(obj, what: str):
@@ -276,6 +292,8 @@ class Checkpointer:
     made with ``async_save=False``; a previous save still in flight is waited for first."""
     step = int(step)
     data = _json_item({"step": step, "data_state": data_state}, "data_state")
+    if jax.process_count() > 1:  # every process's own iterator state (orbax writes JSON from process 0 only)
+      data["process_data_states"] = _gather_processes(data["data_state"])
     cfg = _json_item({} if config is None else config, "config")
     self._manager.wait_until_finished()
     if step in self._manager.all_steps():
@@ -315,7 +333,8 @@ class Checkpointer:
   # ------------------------------------------------------------------------------ restore
 
   def restore(self, step: int | None = None, *, abstract_state, fallback: bool = False):
-    """Restores ``(state, data_state, config)`` of ``step`` (default: the latest finished one).
+    """Restores ``(state, data_state, config)`` of ``step`` (default: the latest finished one); ``data_state``
+    is the one this process saved.
 
     ``abstract_state``: the state's tree of ``jax.ShapeDtypeStruct`` (or arrays) whose ``.sharding`` says
     where each restored array goes; leaves without one are restored fully replicated. Raises
@@ -367,7 +386,14 @@ class Checkpointer:
       raise CheckpointCorruptError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}). {hint}") from e
     data = _decode_json(out["data"] or {})
     log.info("restored step %d from %s", step, path)
-    return out["state"], data.get("data_state"), out["config"]
+    data_state = data.get("data_state")
+    per_process = data.get("process_data_states")
+    if per_process:
+      # This process's own state. With another process count there is none: process 0's is handed back and
+      # the data iterator's set_state reports the process-count mismatch.
+      i = jax.process_index()
+      data_state = per_process[i] if i < len(per_process) else per_process[0]
+    return out["state"], data_state, out["config"]
 
 
 # ------------------------------------------------------------------------------------------- params only

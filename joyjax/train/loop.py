@@ -204,10 +204,20 @@ def _run(cfg, state, step_fn, data, batch_sh, ckpt, total, stop_after, say, out,
       writer.write(done_step, scal)
       t_window, n_window = now, 0
 
+  if jax.process_count() > 1 and step < end:
+    # Compile ahead and meet: the processes' first collective must start within gloo's 30 s on CPU (and a
+    # straggler's compile should not count against any collective timeout elsewhere).
+    first = _global_batch(next(data), batch_sh)
+    step_fn = step_fn.lower(state, first).compile()
+    distributed.barrier(f"train step compiled ({start})")
+  else:
+    first = None
+
   with _Signals() as sig:
     try:
       while step < end:
-        batch = _global_batch(next(data), batch_sh)
+        batch = first if first is not None else _global_batch(next(data), batch_sh)
+        first = None
         state, m = step_fn(state, batch)
         step += 1
         if pending is not None:
