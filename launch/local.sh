@@ -9,8 +9,8 @@ Usage: launch/local.sh [options] [--] <joyjax train arguments...>
 Starts N processes of `joyjax train` on this machine. Process i gets
   --config.mesh.coordinator=localhost:PORT --config.mesh.num_processes=N --config.mesh.process_id=i
 so joyjax.parallel.initialize() joins them into one JAX job; every other argument is passed to `joyjax train`.
-On CPU each process sees --devices-per-process host devices (XLA_FLAGS); on GPU each gets its own
-CUDA_VISIBLE_DEVICES slice.
+On CPU each process sees --devices-per-process host devices (XLA_FLAGS; the caller's other XLA flags pass
+through); on GPU each gets its own CUDA_VISIBLE_DEVICES slice.
 
 Options:
   -n, --num-processes N        processes to start (default 2)
@@ -78,7 +78,14 @@ command_for() {  # the environment and argv of process $1, as words
   local i="$1"
   cmd=(env)
   if [[ "$platform" == cpu ]]; then
-    cmd+=(JAX_PLATFORMS=cpu "XLA_FLAGS=--xla_force_host_platform_device_count=$per")
+    # The caller's other XLA flags are kept; only the host device count is the launcher's.
+    local xla=() f
+    read -r -a xla <<<"${XLA_FLAGS:-}"
+    local flags=""
+    for f in "${xla[@]+"${xla[@]}"}"; do
+      [[ "$f" == --xla_force_host_platform_device_count=* ]] || flags+="$f "
+    done
+    cmd+=(JAX_PLATFORMS=cpu "XLA_FLAGS=${flags}--xla_force_host_platform_device_count=$per")
   else
     local first=$((i * per)) ids="" k
     for ((k = first; k < first + per; k++)); do ids+="${ids:+,}$k"; done

@@ -49,7 +49,7 @@ PROMPT = "--config.train.sample_prompt=it's f(x)"       # an argument that needs
 
 def test_local_dry_run():
   out = run("launch/local.sh", "--dry-run", "-n", "3", "-d", "2", "--port", "23456", "--config", "configs/tiny.py",
-            "--config.mesh.data=2", PROMPT).stdout
+            "--config.mesh.data=2", PROMPT, env={"XLA_FLAGS": ""}).stdout
   lines = [l for l in out.splitlines() if l.strip()]
   assert lines[-1] == "wait" and len(lines) == 4
   for i, line in enumerate(lines[:3]):
@@ -61,6 +61,11 @@ def test_local_dry_run():
     assert words[train + 1:] == ["--config", "configs/tiny.py", "--config.mesh.data=2", PROMPT,
                                  "--config.mesh.coordinator=localhost:23456", "--config.mesh.num_processes=3",
                                  f"--config.mesh.process_id={i}"]
+  # The caller's other XLA flags pass through; its device count is replaced by the launcher's.
+  flagged = run("launch/local.sh", "--dry-run", "-n", "2", "-d", "4", "--config", "configs/tiny.py",
+                env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"})
+  assert shlex.split(flagged.stdout.splitlines()[0])[2] == (
+      "XLA_FLAGS=--xla_backend_optimization_level=0 --xla_force_host_platform_device_count=4")
   gpu = run("launch/local.sh", "--dry-run", "-n", "2", "-d", "4", "--platform", "gpu", "--log-dir", "/tmp/x",
             "--", "--config", "configs/tiny.py").stdout.splitlines()
   assert shlex.split(gpu[1])[1] == "CUDA_VISIBLE_DEVICES=4,5,6,7"

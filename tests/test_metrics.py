@@ -154,6 +154,13 @@ def test_writer_progress_bar_on_a_terminal(tmp_path, monkeypatch):
   assert not os.path.exists(tmp_path / "tb")
 
 
+def test_writer_shows_the_window_mean_loss(tmp_path):
+  w = MetricsWriter(tmp_path, total_steps=100, stream=io.StringIO(), tensorboard=False)
+  assert w.format_line(10, {"loss": 2.0, "loss_avg": 2.25}) == "step 10/100 loss 2.000 (avg 2.250) eta ?"
+  assert w.format_line(10, {"loss": 2.0, "loss_avg": float("nan")}) == "step 10/100 loss 2.000 eta ?"
+  w.close()
+
+
 def test_writer_format_bar_is_cut_to_width(tmp_path):
   w = MetricsWriter(tmp_path, total_steps=10, stream=io.StringIO(), tensorboard=False)
   text = w.format_bar(3, {"loss": 1.0, "tokens_per_sec": 1e6, "mfu": 0.5}, width=30)

@@ -40,8 +40,11 @@ def params_equal(a, b):
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
   out = tmp_path_factory.mktemp("straight")
-  cfg = load_config(os.path.join(ROOT, "configs/tiny.py"), loop_overrides(out))
-  return train(cfg, stream=open(os.devnull, "w"))
+  # A log line every 2 steps (the step program, hence every loss, is the same whatever log_every is).
+  cfg = load_config(os.path.join(ROOT, "configs/tiny.py"), loop_overrides(out) + ["--config.train.log_every=2"])
+  r = train(cfg, stream=open(os.devnull, "w"))
+  r.out_dir = out
+  return r
 
 
 def test_straight_run_trains_and_checkpoints(straight_run, tmp_path):
@@ -49,6 +52,15 @@ def test_straight_run_trains_and_checkpoints(straight_run, tmp_path):
   assert sorted(r.losses) == [1, 2, 3, 4, 5, 6]
   assert all(np.isfinite(v) for v in r.losses.values())
   assert not r.interrupted and r.step == 6
+  assert sorted(os.listdir(r.out_dir / "checkpoints")) == ["3", "6"]
+  # Logged every 2 steps: the step's own loss and the mean over the window (single batches are noisy).
+  with open(r.out_dir / "metrics.jsonl") as f:
+    rows = [json.loads(line) for line in f]
+  assert [row["step"] for row in rows] == [2, 4, 6]
+  for row in rows:
+    s = row["step"]
+    assert row["loss"] == pytest.approx(r.losses[s], rel=1e-6)
+    assert row["loss_avg"] == pytest.approx((r.losses[s - 1] + r.losses[s]) / 2, rel=1e-6)
 
 
 def test_resume_in_process_is_exact(straight_run, tmp_path):

@@ -163,6 +163,7 @@ def _run(cfg, state, step_fn, data, batch_sh, ckpt, total, stop_after, say, out,
   interrupted = False
   last_saved = start if ckpt.latest_step() == start else None
   tokens_done, t_window, n_window = 0, time.time(), 0
+  window_losses: list[float] = []  # the finite losses since the last log line (their mean is logged)
   pending = None  # the previous step's metrics, read after the next step is dispatched (keeps the device busy)
   step = start
   first_time = None
@@ -175,9 +176,11 @@ def _run(cfg, state, step_fn, data, batch_sh, ckpt, total, stop_after, say, out,
     last_saved = step
 
   def consume(done_step, m):
-    nonlocal tokens_done, t_window, n_window, first_time
+    nonlocal tokens_done, t_window, n_window, first_time, window_losses
     scal = _scalar_metrics(m)
     losses[done_step] = scal["loss"]
+    if math.isfinite(scal["loss"]):
+      window_losses.append(scal["loss"])
     if first_time is None:
       first_time = time.time()
     n_window += 1
@@ -194,6 +197,9 @@ def _run(cfg, state, step_fn, data, batch_sh, ckpt, total, stop_after, say, out,
       tps = n_window * bsz * seq / dt
       scal["tokens_per_sec"] = tps
       scal["step_time"] = dt / n_window
+      if window_losses:
+        scal["loss_avg"] = float(np.mean(window_losses))
+        window_losses = []
       per_dev = tps / jax.device_count()
       u = flops.mfu(per_dev, fpt, peak)
       if u is not None:
@@ -249,6 +255,11 @@ def _run(cfg, state, step_fn, data, batch_sh, ckpt, total, stop_after, say, out,
     first, last = min(losses), max(losses)
     say(f"loss: step {first} {losses[first]:.4f} -> step {last} {losses[last]:.4f}; "
         f"{tokens_done} tokens in {wall:.1f}s wall ({steady:.0f} tokens/s after the first step)")
+    k = min(10, len(losses) // 2)
+    if k >= 2:  # single batches are noisy: the means of the first and last k steps show the trend
+      steps = sorted(losses)
+      head, tail = (float(np.mean([losses[s] for s in part])) for part in (steps[:k], steps[-k:]))
+      say(f"mean loss: first {k} steps {head:.4f} -> last {k} steps {tail:.4f}")
   if interrupted:
     say(f"stopped at step {step} after a signal; checkpoint saved in {ckpt.step_dir(step)}; run the same command "
         "to resume")

@@ -6,7 +6,8 @@ Progress: on a terminal, one line redrawn in place (step/total, a bar, loss, tok
 
   step 10/300 loss 5.123 tok/s 12345 mfu 1.2% eta 1m02s
 
-The display reads the metric keys ``loss``, ``tokens_per_sec`` and ``mfu`` (a fraction; shown as percent)
+The display reads the metric keys ``loss`` (with ``loss_avg``, the mean over the log window, when given),
+``tokens_per_sec`` and ``mfu`` (a fraction; shown as percent)
 when present. The ETA comes from the wall time between ``write`` calls (smoothed, so the first step's
 compilation does not dominate it), or from a ``step_time`` metric (seconds per step) when one is given.
 """
@@ -184,6 +185,8 @@ class MetricsWriter:
     parts = []
     if "loss" in metrics:
       parts.append(f"loss {metrics['loss']:.3f}")
+      if "loss_avg" in metrics and math.isfinite(metrics["loss_avg"]):  # one batch is noisy; the window is not
+        parts.append(f"(avg {metrics['loss_avg']:.3f})")
     if "tokens_per_sec" in metrics and math.isfinite(metrics["tokens_per_sec"]):
       parts.append(f"tok/s {metrics['tokens_per_sec']:.0f}")
     if "mfu" in metrics and math.isfinite(metrics["mfu"]):
