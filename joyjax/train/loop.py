@@ -182,8 +182,10 @@ def _run(cfg, state, step_fn, data, batch_sh, ckpt, total, stop_after, say, out,
     if math.isfinite(scal["loss"]):
       window_losses.append(scal["loss"])
     if first_time is None:
-      first_time = time.time()
-    n_window += 1
+      # The first step's time is mostly compilation: rates and the ETA count from its end.
+      first_time = t_window = time.time()
+    else:
+      n_window += 1
     if scal["nonfinite"] >= t.max_nonfinite:
       raise NonFiniteError(
           f"{int(scal['nonfinite'])} consecutive steps had a non-finite loss or gradient (train.max_nonfinite="
@@ -194,16 +196,16 @@ def _run(cfg, state, step_fn, data, batch_sh, ckpt, total, stop_after, say, out,
     if done_step % t.log_every == 0 or done_step == end:
       now = time.time()
       dt = max(now - t_window, 1e-9)
-      tps = n_window * bsz * seq / dt
-      scal["tokens_per_sec"] = tps
-      scal["step_time"] = dt / n_window
+      if n_window:
+        tps = n_window * bsz * seq / dt
+        scal["tokens_per_sec"] = tps
+        scal["step_time"] = dt / n_window
+        u = flops.mfu(tps / jax.device_count(), fpt, peak)
+        if u is not None:
+          scal["mfu"] = u
       if window_losses:
         scal["loss_avg"] = float(np.mean(window_losses))
         window_losses = []
-      per_dev = tps / jax.device_count()
-      u = flops.mfu(per_dev, fpt, peak)
-      if u is not None:
-        scal["mfu"] = u
       scal.update({f"expert_load/{k}": v for k, v in
                    metrics_lib.expert_load_stats(np.asarray(m["expert_counts"])).items()}
                   if np.asarray(m["expert_counts"]).size else {})
@@ -250,7 +252,8 @@ def _run(cfg, state, step_fn, data, batch_sh, ckpt, total, stop_after, say, out,
       ckpt.wait()
       writer.close()
   wall = time.time() - t_start
-  steady = tokens_done / max(time.time() - (first_time or time.time()), 1e-9) if first_time else 0.0
+  # From the end of the first step (its compile excluded) to now: the tokens of the steps after it.
+  steady = (tokens_done - bsz * seq) / max(time.time() - first_time, 1e-9) if first_time else 0.0
   if losses:
     first, last = min(losses), max(losses)
     say(f"loss: step {first} {losses[first]:.4f} -> step {last} {losses[last]:.4f}; "
