@@ -59,6 +59,10 @@ def get_config() -> ml_collections.ConfigDict:
   e.scoring_func = "sigmoid"       # sigmoid | softmax
   e.impl = "auto"                  # grouped-matmul backend: auto | reference | ragged_dot | pallas | pallas_interpret
   e.capacity_factor = 0.0          # expert parallelism: 0 = dropless, > 0 = drop tokens past capacity
+  # Pallas impls: gate and up projections and the SwiGLU in one kernel (x read once, no [rows, 2 x width]
+  # pre-activations stored; the backward recomputes them). `benchmarks/moe_kernels.py` rows pallas vs
+  # pallas_fused say which is faster on a given accelerator. Other impls ignore it.
+  e.fuse_swiglu = False
 
   t = m.mtp = ml_collections.ConfigDict()
   t.num_layers = 1                 # multi-token prediction modules (0 disables)

@@ -88,15 +88,17 @@ def test_forced_cross_shard_routing(problem, mesh_fn):
   assert dropped == 0.0
 
 
-@pytest.mark.parametrize("impl", ["auto", "reference"])
-def test_dropless_skewed_routing(problem, impl):
-  """(b) All tokens pick the two experts of expert shard 3: the worst-case buffer still drops nothing."""
+@pytest.mark.parametrize("impl,fuse", [("auto", False), ("reference", False), ("pallas_interpret", True)])
+def test_dropless_skewed_routing(problem, impl, fuse):
+  """(b) All tokens pick the two experts of expert shard 3: the worst-case buffer still drops nothing (also
+  with the local experts on the Pallas kernels, gate/up/SwiGLU fused, inside the shard_map)."""
   x, wg, wu, wo = problem
   rng = np.random.default_rng(1)
   first = rng.integers(6, 8, T)
   ids = np.stack([first, 13 - first], axis=1).astype(np.int32)  # {6, 7} in random order
   weights = rng.uniform(0.1, 1.0, (T, K)).astype(np.float32)
-  out, dropped = run_ep(auto_mesh(), x, jnp.asarray(weights), jnp.asarray(ids), wg, wu, wo, impl=impl)
+  out, dropped = run_ep(auto_mesh(), x, jnp.asarray(weights), jnp.asarray(ids), wg, wu, wo, impl=impl,
+                        fuse_swiglu=fuse)
   np.testing.assert_allclose(out, reference(x, weights, ids, wg, wu, wo), atol=2e-5, rtol=2e-5)
   assert dropped == 0.0
 

@@ -10,6 +10,9 @@ by JAX. Both run the whole model on the same params and tokens [2, 16]:
   every parameter agree to float32 round-off.
 * bfloat16 compute (float32 params): the tiny config cut to its one MoE block (no dense layer, no MTP, not
   scanned), which compiles in a third of the time; agreement to bfloat16 round-off.
+* float32_fused: that one MoE block in float32 with ``model.moe.fuse_swiglu``: gate, up and the SwiGLU go
+  through ``pallas_backend.gmm_swiglu`` (one kernel; its backward recomputes gate and up) against the unfused
+  reference; agreement to float32 round-off.
 
 Every routed expert that received tokens must get a non-zero gradient in wi_gate / wi_up / wo, equal to the
 reference's; experts that received none get exactly zero in both.
@@ -32,27 +35,30 @@ EXPERT_WEIGHTS = ("wi_gate", "wi_up", "wo")
 # CPU compile time dominates these tests; LLVM's optimisation level does not change what is computed.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
+ONE_BLOCK = ["--config.model.first_k_dense=0", "--config.model.num_layers=1", "--config.model.mtp.num_layers=0",
+             "--config.model.scan_layers=False"]
 VARIANTS = {
     "float32": ["--config.model.dtype=float32"],
-    "bfloat16": ["--config.model.dtype=bfloat16", "--config.model.first_k_dense=0", "--config.model.num_layers=1",
-                 "--config.model.mtp.num_layers=0", "--config.model.scan_layers=False"],
+    "bfloat16": ["--config.model.dtype=bfloat16", *ONE_BLOCK],
+    "float32_fused": ["--config.model.dtype=float32", "--config.model.moe.fuse_swiglu=True", *ONE_BLOCK],
 }
 # (max |diff| / max |ref| per leaf, ||diff|| / ||ref|| per leaf)
-TOL = {"float32": (2e-5, 1e-5), "bfloat16": (5e-2, 2e-2)}
+TOL = {"float32": (2e-5, 1e-5), "bfloat16": (5e-2, 2e-2), "float32_fused": (2e-5, 1e-5)}
 
 
 @contextlib.contextmanager
 def _count_pallas_calls(calls):
-  """Counts (while tracing) the calls that reach pallas_backend.gmm and records their ``interpret`` flag."""
-  real = pallas_backend.gmm
-
-  def spy(*args, **kwargs):
-    calls.append(kwargs.get("interpret", args[3] if len(args) > 3 else False))
-    return real(*args, **kwargs)
+  """Records (while tracing) the calls that reach pallas_backend.gmm / gmm_swiglu: (name, ``interpret`` flag)."""
+  def spy(name, real, interpret_pos):
+    def f(*args, **kwargs):
+      calls.append((name, kwargs.get("interpret", args[interpret_pos] if len(args) > interpret_pos else False)))
+      return real(*args, **kwargs)
+    return f
 
   with pytest.MonkeyPatch.context() as mp:
     mp.delenv(ops.ENV_VAR, raising=False)  # the environment override would send both runs down one path
-    mp.setattr(pallas_backend, "gmm", spy)
+    mp.setattr(pallas_backend, "gmm", spy("gmm", pallas_backend.gmm, 3))
+    mp.setattr(pallas_backend, "gmm_swiglu", spy("gmm_swiglu", pallas_backend.gmm_swiglu, 4))
     yield
 
 
@@ -107,11 +113,13 @@ def _flat(tree):
           for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", list(VARIANTS))
 def test_pallas_path_is_used_and_routes_identically(dtype):
   ref, pal = _pair(dtype)
   assert ref[4] == []                              # the reference never reaches the Pallas kernels
-  assert pal[4] and all(pal[4])                    # the Pallas path does, in interpret mode
+  assert pal[4] and all(interpret for _, interpret in pal[4])  # the Pallas path does, in interpret mode
+  fused = {name for name, _ in pal[4]} == {"gmm", "gmm_swiglu"}  # gate/up fused; the down projection: gmm
+  assert fused == pal[3].model.moe.fuse_swiglu, pal[4]
   assert ref[3].model.moe.impl == "reference" and pal[3].model.moe.impl == "pallas_interpret"
   assert ref[1].keys() == pal[1].keys() and "moe_layers" in ref[1]
   for k in ref[1]:
@@ -120,7 +128,7 @@ def test_pallas_path_is_used_and_routes_identically(dtype):
     assert np.all(ref[1][k].sum(-1) == BATCH * SEQ * ref[3].model.moe.num_experts_per_tok)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", list(VARIANTS))
 def test_logits_equal(dtype):
   ref, pal = _pair(dtype)
   assert pal[0].dtype == np.float32 and pal[0].shape == (BATCH, SEQ, ref[3].model.vocab_size)
@@ -130,7 +138,7 @@ def test_logits_equal(dtype):
   np.testing.assert_allclose(pal[0], ref[0], rtol=rtol, atol=rtol * scale)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", list(VARIANTS))
 def test_gradients_of_all_params_equal(dtype):
   ref, pal = _pair(dtype)
   max_tol, norm_tol = TOL[dtype]
@@ -149,7 +157,7 @@ def test_gradients_of_all_params_equal(dtype):
     assert np.linalg.norm(got64 - want64) <= norm_tol * np.linalg.norm(want64), name
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", list(VARIANTS))
 def test_expert_weight_gradients_nonzero_and_equal_per_expert(dtype):
   ref, pal = _pair(dtype)
   _, norm_tol = TOL[dtype]

@@ -49,6 +49,23 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, im
   return pallas_backend.gmm(lhs, rhs, group_sizes, interpret=(impl == "pallas_interpret")).astype(out_dtype)
 
 
+def grouped_swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, group_sizes: jax.Array, *,
+                   impl: str = "auto", fused: bool = False) -> jax.Array:
+  """``silu(x @ w_gate[g]) * (x @ w_up[g])`` per group: an expert's SwiGLU input projection.
+
+  x: [M, K]; w_gate, w_up: [G, K, F]; returns [M, F] in ``x.dtype``. ``fused`` (Pallas impls only) computes
+  both matmuls and the SwiGLU in one kernel (``pallas_backend.gmm_swiglu``: float32 accumulators, the
+  activation applied before the single cast); otherwise two grouped matmuls and the SwiGLU in ``x.dtype``.
+  """
+  impl = resolve_impl(impl)
+  if fused and impl in ("pallas", "pallas_interpret"):
+    from joyjax.kernels import pallas_backend
+    return pallas_backend.gmm_swiglu(x, w_gate, w_up, group_sizes, interpret=(impl == "pallas_interpret"))
+  gate = grouped_matmul(x, w_gate, group_sizes, impl=impl)
+  up = grouped_matmul(x, w_up, group_sizes, impl=impl)
+  return jax.nn.silu(gate) * up
+
+
 def _zero_tail(out, group_sizes):
   valid = jnp.arange(out.shape[0]) < jnp.sum(group_sizes)
   return jnp.where(valid[:, None], out, 0)

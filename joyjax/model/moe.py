@@ -59,6 +59,7 @@ class MoE(nnx.Module):
     self.scoring_func, self.norm_topk_prob = e.scoring_func, bool(e.norm_topk_prob)
     self.routed_scaling_factor = float(e.routed_scaling_factor)
     self.impl = e.impl
+    self.fuse_swiglu = bool(e.get("fuse_swiglu", False))
     self.capacity_factor = float(e.get("capacity_factor", 0.0))  # expert parallelism only; 0 = dropless
     self.dtype = dtype
     # The router runs in float32 whatever the compute dtype: top-k over near-ties is precision sensitive.
@@ -104,11 +105,12 @@ class MoE(nnx.Module):
     if ep_lib.expert_axis_size(mesh) > 1:
       w = (self.wi_gate[...], self.wi_up[...], self.wo[...])
       return ep_lib.expert_parallel_experts(flat, weights, ids, *w, mesh=mesh, num_experts=self.num_experts,
-                                            capacity_factor=self.capacity_factor, impl=self.impl, dtype=d)
+                                            capacity_factor=self.capacity_factor, impl=self.impl, dtype=d,
+                                            fuse_swiglu=self.fuse_swiglu)
     x_sorted, group_sizes, order = kernels.permute(flat, ids, self.num_experts)
-    gate = kernels.grouped_matmul(x_sorted, self.wi_gate[...].astype(d), group_sizes, impl=self.impl)
-    up = kernels.grouped_matmul(x_sorted, self.wi_up[...].astype(d), group_sizes, impl=self.impl)
-    y = kernels.grouped_matmul(jax.nn.silu(gate) * up, self.wo[...].astype(d), group_sizes, impl=self.impl)
+    h = kernels.grouped_swiglu(x_sorted, self.wi_gate[...].astype(d), self.wi_up[...].astype(d), group_sizes,
+                               impl=self.impl, fused=self.fuse_swiglu)
+    y = kernels.grouped_matmul(h, self.wo[...].astype(d), group_sizes, impl=self.impl)
     return kernels.unpermute(y, order, weights), jnp.zeros((), jnp.float32)
 
   def _balance(self, ids, scores):

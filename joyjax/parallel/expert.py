@@ -120,12 +120,14 @@ def capacity(tokens_local: int, top_k: int, ep: int, capacity_factor: float) -> 
 
 
 def expert_parallel_experts(flat, weights, ids, wi_gate, wi_up, wo, *, mesh, num_experts: int,
-                            capacity_factor: float = 0.0, impl: str = "auto", dtype=None):
+                            capacity_factor: float = 0.0, impl: str = "auto", dtype=None,
+                            fuse_swiglu: bool = False):
   """Routed experts with the experts sharded over mesh axis ``expert``.
 
   flat: [T, H] tokens; weights: [T, k] routing weights; ids: [T, k] int expert ids in [0, num_experts);
   wi_gate, wi_up: [E, H, F]; wo: [E, F, H]; mesh: a ``Mesh`` or ``AbstractMesh`` with an ``expert`` axis
-  dividing ``num_experts``; dtype: compute dtype of the expert matmuls (default ``flat.dtype``).
+  dividing ``num_experts``; dtype: compute dtype of the expert matmuls (default ``flat.dtype``); fuse_swiglu:
+  gate/up projections and SwiGLU in one Pallas kernel (``model.moe.fuse_swiglu``; Pallas impls only).
 
   Returns (out [T, H] float32: ``out[t] = sum_s weights[t, s] * expert_{ids[t, s]}(flat[t])`` over the rows
   that were not dropped; dropped [] float32: the global number of dropped (token, slot) rows, 0 if dropless).
@@ -154,7 +156,8 @@ def expert_parallel_experts(flat, weights, ids, wi_gate, wi_up, wo, *, mesh, num
   cap = capacity(t_local, k, ep, capacity_factor)
   local_experts = num_experts // ep
 
-  body = _local_body(ep=ep, local_experts=local_experts, cap=cap, impl=impl, axes=axes, dtype=dtype)
+  body = _local_body(ep=ep, local_experts=local_experts, cap=cap, impl=impl, axes=axes, dtype=dtype,
+                     fuse_swiglu=fuse_swiglu)
   tok = P(axes if axes else None, None)
   wspec = P(EXPERT_AXIS, None, None)
   w = [a.astype(dtype) for a in (wi_gate, wi_up, wo)]
@@ -175,7 +178,7 @@ def _inverse(perm):
   return jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=perm.dtype))
 
 
-def _local_body(*, ep: int, local_experts: int, cap: int, impl: str, axes, dtype):
+def _local_body(*, ep: int, local_experts: int, cap: int, impl: str, axes, dtype, fuse_swiglu: bool = False):
   """The per-shard program: dispatch -> all_to_all -> local experts -> all_to_all back -> combine."""
 
   def body(x, weights, ids, valid, wi_gate, wi_up, wo):
@@ -209,9 +212,8 @@ def _local_body(*, ep: int, local_experts: int, cap: int, impl: str, axes, dtype
     perm = jnp.argsort(recv_e, stable=True)
     x_sorted = jnp.take(recv_x, perm, axis=0)
     group_sizes = jnp.sum(recv_e[:, None] == jnp.arange(local_experts)[None, :], axis=0).astype(jnp.int32)
-    gate = kernels.grouped_matmul(x_sorted, wi_gate, group_sizes, impl=impl)
-    up = kernels.grouped_matmul(x_sorted, wi_up, group_sizes, impl=impl)
-    y_sorted = kernels.grouped_matmul(jax.nn.silu(gate) * up, wo, group_sizes, impl=impl)
+    h = kernels.grouped_swiglu(x_sorted, wi_gate, wi_up, group_sizes, impl=impl, fused=fuse_swiglu)
+    y_sorted = kernels.grouped_matmul(h, wo, group_sizes, impl=impl)
     y = jnp.take(y_sorted, _inverse(perm), axis=0)
     back = a2a(y)  # [ep * cap, H]: back[j * cap + c] answers send slot (j, c)
 
