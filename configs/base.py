@@ -26,7 +26,10 @@ def get_config() -> ml_collections.ConfigDict:
   m.param_dtype = "float32"        # storage dtype of parameters (master weights)
   m.scan_layers = True             # stack blocks and lax.scan them: compile time independent of depth
   m.remat = "full"                 # rematerialisation per block: none | full | dots | dots_no_batch
-  m.attention_impl = "xla"         # xla (einsum softmax); reserved for flash kernels
+  # Training attention: xla (einsum softmax; materialises [heads, seq, seq] f32 scores) | blockwise (flash-style
+  # online softmax over attention_block-sized blocks with a recomputing backward: O(seq x block) memory).
+  m.attention_impl = "xla"
+  m.attention_block = 512          # blockwise: query and key block length
 
   a = m.attention = ml_collections.ConfigDict()
   a.num_heads = 32

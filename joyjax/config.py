@@ -18,6 +18,7 @@ import ml_collections
 from configs import base as _base
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_IMPLS = ("xla", "blockwise")
 MOE_IMPLS = ("auto", "reference", "ragged_dot", "pallas", "pallas_interpret")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -160,6 +161,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _require(m.param_dtype in DTYPES, "model.param_dtype", f"must be one of {DTYPES}, got {m.param_dtype!r}")
   _require(m.remat in REMAT_POLICIES, "model.remat", f"must be one of {REMAT_POLICIES}, got {m.remat!r}")
   _require(m.rms_norm_eps > 0, "model.rms_norm_eps", "must be positive")
+  _require(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl",
+           f"must be one of {ATTENTION_IMPLS}, got {m.attention_impl!r}")
+  _require(m.attention_block >= 1, "model.attention_block", f"must be >= 1, got {m.attention_block}")
   _require(a.num_heads > 0, "model.attention.num_heads", "must be positive")
   _require(a.q_lora_rank >= 0, "model.attention.q_lora_rank", "must be >= 0 (0 = full-rank q projection)")
   for key in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):

@@ -103,6 +103,11 @@ def test_activation_estimate_and_gathered_weights():
   total = p["param_bytes"] + p["opt_state_bytes"] + p["grad_bytes"] + p["gathered_weights_bytes"] \
       + p["activation_bytes"]
   assert p["total_bytes"] == total
+  # Blockwise attention holds one 512 x 512 block pair of f32 scores + probabilities and the saved lse.
+  blockwise = plan_lib.plan(flash("--config.mesh.fsdp=16", "--config.mesh.expert=4",
+                                  "--config.model.attention_impl=blockwise"), 64)
+  assert blockwise["activations"]["scores"] == seqs * HEADS * (2 * 512 * 512 + 4096) * 4
+  assert blockwise["activations"]["layer"] == act["layer"] - act["scores"] + blockwise["activations"]["scores"]
   remat_none = plan_lib.plan(flash("--config.mesh.fsdp=64", "--config.model.remat=none"), 64)
   assert remat_none["activations"]["residual"] == (L + MTP) * remat_none["activations"]["layer"]
 

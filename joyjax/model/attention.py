@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from joyjax.model.blockwise import blockwise_attention
 from joyjax.model.layers import RMSNorm, apply_rope, param, rope_frequencies, softmax_scale
 
 NEG_INF = -1e30  # finite: a fully masked row never produces NaN
@@ -44,6 +45,8 @@ class MLA(nnx.Module):
     self.inv_freq = tuple(float(f) for f in inv_freq)  # static: part of the graph definition
     self.interleave = bool(cfg.rope.interleave)
     self.scale = softmax_scale(a, cfg.rope)
+    self.impl = cfg.get("attention_impl", "xla")
+    self.block = int(cfg.get("attention_block", 512))
 
   def _w(self, p):
     return p[...].astype(self.dtype)
@@ -75,6 +78,12 @@ class MLA(nnx.Module):
   def _expanded(self, q_nope, q_rope, c, k_rope, segment_ids):
     kv = jnp.einsum("bsc,chd->bshd", c, self._w(self.kv_b))
     k_nope, v = kv[..., :self.nope], kv[..., self.nope:]
+    if self.impl == "blockwise":
+      q = jnp.concatenate([q_nope, q_rope], axis=-1)
+      k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], k_nope.shape[:3] + k_rope.shape[-1:])],
+                          axis=-1)
+      out = blockwise_attention(q, k, v, segment_ids, scale=self.scale, block_q=self.block, block_k=self.block)
+      return jnp.einsum("bqhd,hde->bqe", out, self._w(self.o))
     scores = (jnp.einsum("bqhd,bkhd->bhqk", q_nope, k_nope, preferred_element_type=jnp.float32)
               + jnp.einsum("bqhd,bkd->bhqk", q_rope, k_rope, preferred_element_type=jnp.float32))
     s = scores.shape[-1]

@@ -22,7 +22,9 @@ What is counted, per device (bytes)
       (an upper bound for the dots policies);
     - ``layer``: one block's working set during its recomputation: q / kv low-rank and per-head q, k, v and
       output (heads split over ``tensor``), the f32 attention scores and probabilities
-      2 * seqs * heads * seq_len^2 * 4 (the xla attention materialises them), and the MLP: dense
+      2 * seqs * heads * seq_len^2 * 4 (the xla attention materialises them; ``attention_impl=blockwise``
+      holds one block pair at a time plus the saved log-sum-exp, seqs * heads * (2 * block^2 + seq_len) * 4),
+      and the MLP: dense
       3 * width, or MoE top-k * (hidden + 3 * expert width) + 3 * shared width per token;
     - ``loss``: one cross-entropy chunk of f32 logits and their gradient, 2 * min(loss_chunk, tokens) *
       vocab / tensor * 4.
@@ -89,6 +91,9 @@ def _activations(cfg, sizes: dict, tokens: float, seqs: float, seq_len: int) -> 
   attn = tokens * b * ((a.q_lora_rank + a.kv_lora_rank + a.qk_rope_head_dim)
                        + heads * (2 * qk + 2 * a.v_head_dim))
   scores = 2 * seqs * heads * seq_len * seq_len * 4
+  if m.get("attention_impl", "xla") == "blockwise":
+    blk = min(m.attention_block, seq_len)
+    scores = seqs * heads * (2 * blk * blk + seq_len) * 4
   dense = tokens * b * 3 * m.dense_intermediate_size / tp
   moe = 0.0
   if m.first_k_dense < m.num_layers or m.mtp.num_layers:
