@@ -177,7 +177,8 @@ def test_two_processes_stop_resume_on_another_mesh_match_one_process(tmp_path, r
   assert sorted(os.listdir(out / "checkpoints")) == ["2"], detail
 
   # 2. The real `joyjax train` resumes from step 2 on data=2 x expert=4 and runs to the end.
-  logs, detail = launch(tmp_path / "logs2", f"{sys.executable} {driver} 0", overrides(out, DATA2_EXPERT4))
+  logs, detail = launch(tmp_path / "logs2", f"{sys.executable} -m joyjax.cli", overrides(out, DATA2_EXPERT4))
+  assert "config:" in logs[0] and "config:" not in logs[1], detail   # joyjax train's own output, process 0 only
   assert "mesh: dcn_data=1 data=2 fsdp=1 expert=4 tensor=1 over 8 cpu device(s), 2 process(es)" in logs[0], detail
   assert "(step 2)" in logs[0] and "training steps 2..4" in logs[0], detail
   assert "4" in os.listdir(out / "checkpoints"), detail

@@ -272,6 +272,7 @@ def _run(cfg, state, step_fn, data, batch_sh, ckpt, total, stop_after, say, out,
 
 def main(cfg) -> RunResult:
   """The ``joyjax train`` entry: prints the resolved config, trains, exits non-zero on a non-finite stop."""
+  distributed.initialize(cfg)  # before jax.process_index(), which would start a single-process backend
   if jax.process_index() == 0:
     print("config:\n" + str(cfg), flush=True)
   try:
