@@ -12,10 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from joyjax.model.blockwise import blockwise_attention
+from joyjax.model.blockwise import NEG_INF, blockwise_attention
 from joyjax.model.layers import RMSNorm, apply_rope, param, rope_frequencies, softmax_scale
-
-NEG_INF = -1e30  # finite: a fully masked row never produces NaN
 
 
 class MLA(nnx.Module):

@@ -14,11 +14,12 @@ a block multiple with segment id -1 (padded keys never match a real query; padde
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 
-NEG_INF = -1e30  # finite, as in attention.py: fully masked entries give exp(...) = 0, never NaN
+NEG_INF = -1e30  # finite (attention.py uses it too): a fully masked row never produces NaN
 
 
 def blockwise_attention(q, k, v, segment_ids, *, scale: float, block_q: int = 512, block_k: int = 512):
@@ -26,19 +27,13 @@ def blockwise_attention(q, k, v, segment_ids, *, scale: float, block_q: int = 51
   ``softmax(q k^T * scale, masked causally within segments) v``, accumulated in float32."""
   b, s, h, _ = q.shape
   bq, bk = min(block_q, s), min(block_k, s)
-  pad = -s % (bq * bk // _gcd(bq, bk))
+  pad = -s % math.lcm(bq, bk)
   if pad:
     widths = ((0, 0), (0, pad), (0, 0), (0, 0))
     q, k, v = (jnp.pad(a, widths) for a in (q, k, v))
     segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
   out = _attention(q, k, v, segment_ids.astype(jnp.int32), float(scale), bq, bk)
   return out[:, :s]
-
-
-def _gcd(a: int, b: int) -> int:
-  while b:
-    a, b = b, a % b
-  return a
 
 
 def _block(x, i, size):

@@ -16,14 +16,7 @@ from joyjax import model
 
 
 def init_state(cfg, tx, key) -> dict:
-  params = model.init(cfg, key)
-  return {
-      "step": jnp.zeros((), jnp.int32),
-      "params": params,
-      "opt_state": tx.init(params),
-      "nonfinite": jnp.zeros((), jnp.int32),
-      "skipped": jnp.zeros((), jnp.int32),
-  }
+  return state_from_params(cfg, tx, model.init(cfg, key))
 
 
 def state_from_params(cfg, tx, params) -> dict:
