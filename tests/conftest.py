@@ -27,3 +27,7 @@ _CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+# The embedded corpus and the tokenizer trained on it, built once and shared by every test that trains
+# through the real data pipeline (import it: ``from conftest import DATA_CACHE``).
+DATA_CACHE = os.path.join(tempfile.gettempdir(), f"joyjax-test-data-{os.getuid()}")

@@ -2,11 +2,11 @@
 -> ``joyjax train --config.train.init_from=...``, then ``joyjax sample --checkpoint`` on that run."""
 
 import os
-import tempfile
 
 import jax
 import numpy as np
 
+from conftest import DATA_CACHE
 from joyjax import cli, model
 from joyjax.config import load_config
 from joyjax.convert import hf
@@ -14,7 +14,6 @@ from joyjax.train.loop import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs/tiny.py")
-DATA_CACHE = os.path.join(tempfile.gettempdir(), f"joyjax-test-data-{os.getuid()}")  # shared with test_train
 
 
 def overrides(out_dir, *extra):

@@ -17,17 +17,16 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 
 import numpy as np
 import pytest
 
+from conftest import DATA_CACHE
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs/tiny.py")
 LOCAL_SH = os.path.join(ROOT, "launch/local.sh")
-# The tokenizer / corpus cache of tests/test_train.py (trained once, shared).
-DATA_CACHE = os.path.join(tempfile.gettempdir(), f"joyjax-test-data-{os.getuid()}")
 STEPS = 4
 FSDP8 = ("--config.mesh.fsdp=8",)
 DATA2_EXPERT4 = ("--config.mesh.data=2", "--config.mesh.fsdp=1", "--config.mesh.expert=4")

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import DATA_CACHE
 from joyjax import model, optim
 from joyjax.config import load_config
 from joyjax.model.moe import route
@@ -22,8 +22,6 @@ from joyjax.train.loop import train
 from joyjax.train.step import make_train_step, update_router_bias
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# One tokenizer / corpus cache for every test of this module (trained once).
-DATA_CACHE = os.path.join(tempfile.gettempdir(), f"joyjax-test-data-{os.getuid()}")
 
 
 def loop_overrides(out_dir, steps=6):
