@@ -16,15 +16,12 @@ import sys
 import ml_collections
 
 from configs import base as _base
+from joyjax.errors import ConfigError
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("xla", "blockwise")
 MOE_IMPLS = ("auto", "reference", "ragged_dot", "pallas", "pallas_interpret")
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-class ConfigError(ValueError):
-  """A config key is unknown, mistyped or inconsistent with another."""
 
 
 def _all_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:

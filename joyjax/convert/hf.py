@@ -19,15 +19,12 @@ import numpy as np
 from configs import base as base_config
 from joyjax import model as jmodel
 from joyjax.config import validate
+from joyjax.errors import ConversionError
 from joyjax.convert.safetensors_io import CheckpointFormatError, SafetensorsReader, ShardedWriter
 
 log = logging.getLogger(__name__)
 MODEL_TYPES = ("deepseek_v3", "joyai_llm_flash")
 FP8_BLOCK = 128
-
-
-class ConversionError(ValueError):
-  """A tensor is missing, unexpected or mis-shaped, or the HF config is unsupported."""
 
 
 # -------------------------------------------------------------------------------------------------- config

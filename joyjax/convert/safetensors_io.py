@@ -15,16 +15,14 @@ import struct
 import ml_dtypes
 import numpy as np
 
+from joyjax.errors import CheckpointFormatError
+
 DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
 NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
-
-
-class CheckpointFormatError(ValueError):
-  """A checkpoint file is missing, truncated or malformed."""
 
 
 def _read_header(path: str) -> tuple[dict, int]:

@@ -37,13 +37,11 @@ from typing import Sequence
 
 import numpy as np
 
+from joyjax.errors import DataError
+
 FORMATS = ("jsonl", "parquet", "text", "arrayrecord")
 _FIX = "fix or remove the row, or set data.skip_malformed=True to skip and count such rows"
 _COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zstd", ".lz4", ".zip")
-
-
-class DataError(ValueError):
-  """A data file is missing, unreadable or has a malformed row; the message names file, row and fix."""
 
 
 class _Malformed(Exception):

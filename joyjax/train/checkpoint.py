@@ -56,6 +56,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from joyjax.errors import CheckpointCorruptError, CheckpointError, CheckpointMismatchError
+
 log = logging.getLogger(__name__)
 
 COMMIT_MARKER = "commit_success.txt"  # orbax writes it into a step directory just before committing it
@@ -63,18 +65,6 @@ TMP_MARKER = ".orbax-checkpoint-tmp"  # orbax's suffix of a directory being writ
 _ITEMS = ("state", "data", "config")
 _BYTES_KEY = "__bytes_b64__"
 _barrier_ids = itertools.count()
-
-
-class CheckpointError(RuntimeError):
-  """Base class of checkpoint errors."""
-
-
-class CheckpointCorruptError(CheckpointError):
-  """A finished checkpoint exists but cannot be read."""
-
-
-class CheckpointMismatchError(CheckpointError, ValueError):
-  """The checkpoint's tree or shapes differ from the requested ones."""
 
 
 # ------------------------------------------------------------------------------------------- helpers

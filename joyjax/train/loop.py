@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from joyjax import model, optim
+from joyjax.errors import NonFiniteError
 from joyjax.params import count_params, format_counts
 from joyjax.parallel import distributed, rules
 from joyjax.parallel.mesh import describe, make_mesh
@@ -28,10 +29,6 @@ from joyjax.train import checkpoint, flops, metrics as metrics_lib, state as sta
 from joyjax.train.step import make_train_step
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteError(RuntimeError):
-  """Too many consecutive steps with a non-finite loss or gradient."""
 
 
 @dataclasses.dataclass
