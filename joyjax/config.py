@@ -16,6 +16,7 @@ import sys
 import ml_collections
 
 from configs import base as _base
+from joyjax.axes import parse_rules
 from joyjax.errors import ConfigError
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -227,7 +228,6 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
            f"must be >= 0 (0 = from the environment), got {p.num_processes}")
   _require(not p.coordinator or ":" in p.coordinator, "mesh.coordinator", f"must be host:port, got {p.coordinator!r}")
   if p.rules:
-    from joyjax.parallel.rules import parse_rules
     try:
       parse_rules(p.rules)
     except ValueError as err:
@@ -257,11 +257,6 @@ def from_dict(d: dict) -> ml_collections.ConfigDict:
   check_schema(cfg)
   validate(cfg)
   return cfg
-
-
-def dtype_of(name: str):
-  import jax.numpy as jnp
-  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
 
 
 if __name__ == "__main__":  # pragma: no cover

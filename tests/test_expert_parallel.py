@@ -1,4 +1,4 @@
-"""Expert parallelism (joyjax.parallel.expert): all-to-all dispatch over a real data=2 x expert=4 CPU mesh.
+"""Expert parallelism (joyjax.model.expert_parallel): all-to-all dispatch over a real data=2 x expert=4 CPU mesh.
 
 Layout the hand-built routings rely on: tokens [T, ...] are sharded over ('data', 'expert'), data major, so
 token t lives on shard t // T_local whose expert coordinate is (t // T_local) % 4; with E = 8 and ep = 4,
@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from joyjax import model
 from joyjax.config import load_config
-from joyjax.parallel import expert as ep_lib
+from joyjax.model import expert_parallel as ep_lib
 
 T, H, F, E, K = 32, 8, 16, 8, 2
 EP, DATA = 4, 2

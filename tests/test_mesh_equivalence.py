@@ -24,7 +24,7 @@ import pytest
 
 from joyjax import model, optim
 from joyjax.config import load_config
-from joyjax.parallel import expert as ep_lib
+from joyjax.model import expert_parallel as ep_lib
 from joyjax.parallel import rules
 from joyjax.parallel.mesh import make_mesh
 from joyjax.train import state as state_lib

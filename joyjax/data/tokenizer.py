@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Sequence
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from joyjax.config import ConfigError
+from joyjax.errors import ConfigError
 from joyjax.data.corpus import atomic_write
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"

@@ -6,6 +6,6 @@
 the platform; the environment variable ``JOYJAX_MOE_IMPL`` overrides the config for A/B runs.
 """
 
-from joyjax.kernels.ops import grouped_matmul, grouped_swiglu, permute, unpermute, resolve_impl, IMPLS
+from joyjax.kernels.ops import grouped_matmul, grouped_swiglu, permute, unpermute, resolve_impl
 
-__all__ = ["grouped_matmul", "grouped_swiglu", "permute", "unpermute", "resolve_impl", "IMPLS"]
+__all__ = ["grouped_matmul", "grouped_swiglu", "permute", "unpermute", "resolve_impl"]

@@ -8,17 +8,17 @@ import os
 import jax
 import jax.numpy as jnp
 
+from joyjax.config import MOE_IMPLS
 from joyjax.kernels import reference
 
-IMPLS = ("auto", "reference", "ragged_dot", "pallas", "pallas_interpret")
 ENV_VAR = "JOYJAX_MOE_IMPL"
 
 
 def resolve_impl(impl: str = "auto") -> str:
   """The backend to use: the environment override first, then ``impl``, with ``auto`` per platform."""
   impl = os.environ.get(ENV_VAR, "") or impl
-  if impl not in IMPLS:
-    raise ValueError(f"unknown MoE impl {impl!r} (from {ENV_VAR} or model.moe.impl); choose one of {IMPLS}")
+  if impl not in MOE_IMPLS:
+    raise ValueError(f"unknown MoE impl {impl!r} (from {ENV_VAR} or model.moe.impl); choose one of {MOE_IMPLS}")
   if impl != "auto":
     return impl
   platform = jax.default_backend()

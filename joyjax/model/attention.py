@@ -43,8 +43,8 @@ class MLA(nnx.Module):
     self.inv_freq = tuple(float(f) for f in inv_freq)  # static: part of the graph definition
     self.interleave = bool(cfg.rope.interleave)
     self.scale = softmax_scale(a, cfg.rope)
-    self.impl = cfg.get("attention_impl", "xla")
-    self.block = int(cfg.get("attention_block", 512))
+    self.impl = cfg.attention_impl
+    self.block = int(cfg.attention_block)
 
   def _w(self, p):
     return p[...].astype(self.dtype)

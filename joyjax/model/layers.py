@@ -9,6 +9,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from joyjax.config import DTYPES
+
+
+_DTYPES = dict(zip(DTYPES, (jnp.float32, jnp.bfloat16, jnp.float16)))
+
+
+def dtype_of(name: str):
+  """The jnp dtype of a config dtype name (``model.dtype``, ``model.param_dtype``: one of ``config.DTYPES``)."""
+  return _DTYPES[name]
+
 
 class RouterBias(nnx.Variable):
   """Aux-loss-free selection bias: read by the router, never differentiated; the trainer updates it."""

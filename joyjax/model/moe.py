@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from joyjax import kernels
+from joyjax.model import expert_parallel as ep_lib
 from joyjax.model.layers import RouterBias, param
 
 
@@ -59,8 +60,8 @@ class MoE(nnx.Module):
     self.scoring_func, self.norm_topk_prob = e.scoring_func, bool(e.norm_topk_prob)
     self.routed_scaling_factor = float(e.routed_scaling_factor)
     self.impl = e.impl
-    self.fuse_swiglu = bool(e.get("fuse_swiglu", False))
-    self.capacity_factor = float(e.get("capacity_factor", 0.0))  # expert parallelism only; 0 = dropless
+    self.fuse_swiglu = bool(e.fuse_swiglu)
+    self.capacity_factor = float(e.capacity_factor)  # expert parallelism only; 0 = dropless
     self.dtype = dtype
     # The router runs in float32 whatever the compute dtype: top-k over near-ties is precision sensitive.
     self.router = param(rngs, (h, e.num_experts), ("embed", "expert"), std=std, dtype=param_dtype)
@@ -74,7 +75,7 @@ class MoE(nnx.Module):
       self.shared = MLP(h, e.intermediate_size * e.num_shared_experts, std=std, rngs=rngs, dtype=dtype,
                         param_dtype=param_dtype)
 
-  def __call__(self, x):
+  def __call__(self, x, token_axes=None):
     """x: [b, s, embed] -> (out [b, s, embed], aux) with aux['expert_counts'] [E] (tokens routed to each
     expert, for the bias update and load statistics), aux['balance'] (the sequence-wise balance loss) and
     aux['dropped_tokens'] (float32: (token, slot) rows dropped by expert-parallel capacity; 0 if dropless)."""
@@ -85,7 +86,7 @@ class MoE(nnx.Module):
                                  topk_group=self.topk_group, scoring_func=self.scoring_func,
                                  norm_topk_prob=self.norm_topk_prob,
                                  routed_scaling_factor=self.routed_scaling_factor)
-    routed, dropped = self.experts(flat, weights, ids)
+    routed, dropped = self.experts(flat, weights, ids, token_axes)
     out = routed.astype(x.dtype).reshape(b, s, h)
     if self.has_shared:
       out = out + self.shared(x)
@@ -93,20 +94,19 @@ class MoE(nnx.Module):
     balance = self._balance(ids.reshape(b, s, -1), scores.reshape(b, s, -1))
     return out, {"expert_counts": counts, "balance": balance, "dropped_tokens": dropped}
 
-  def experts(self, flat, weights, ids):
+  def experts(self, flat, weights, ids, token_axes=None):
     """Routed experts: [T, embed] -> ([T, embed] float32, dropped rows [] float32), through the kernels.
 
     Under a mesh with an 'expert' axis of size > 1 (set by the caller with ``jax.set_mesh(mesh)``), the
-    experts are sharded over it and tokens travel by all-to-all (``joyjax.parallel.expert``); otherwise
-    one shard computes them all."""
+    experts are sharded over it and tokens travel by all-to-all (``expert_parallel``) over ``token_axes``, the
+    mesh axes of the config's ``batch`` rule (None: the default rule); otherwise one shard computes them all."""
     d = self.dtype
-    from joyjax.parallel import expert as ep_lib  # lazy: the model does not otherwise depend on parallel/
     mesh = ep_lib.current_mesh()
     if ep_lib.expert_axis_size(mesh) > 1:
       w = (self.wi_gate[...], self.wi_up[...], self.wo[...])
       return ep_lib.expert_parallel_experts(flat, weights, ids, *w, mesh=mesh, num_experts=self.num_experts,
                                             capacity_factor=self.capacity_factor, impl=self.impl, dtype=d,
-                                            fuse_swiglu=self.fuse_swiglu)
+                                            fuse_swiglu=self.fuse_swiglu, token_axes=token_axes)
     x_sorted, group_sizes, order = kernels.permute(flat, ids, self.num_experts)
     h = kernels.grouped_swiglu(x_sorted, self.wi_gate[...].astype(d), self.wi_up[...].astype(d), group_sizes,
                                impl=self.impl, fused=self.fuse_swiglu)

@@ -19,9 +19,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from joyjax.config import dtype_of
+from joyjax.axes import batch_axes, get_rules
+from joyjax.config import REMAT_POLICIES
 from joyjax.model.attention import MLA
-from joyjax.model.layers import RMSNorm, param
+from joyjax.model.layers import RMSNorm, dtype_of, param
 from joyjax.model.moe import MLP, MoE
 
 STACKS = ("dense_layers", "moe_layers", "mtp")
@@ -61,11 +62,11 @@ class Block(nnx.Module):
                      param_dtype=param_dtype)
     self.is_moe = moe
 
-  def __call__(self, x, positions, segment_ids, cache=None):
+  def __call__(self, x, positions, segment_ids, cache=None, token_axes=None):
     h, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache)
     x = x + h
     if self.is_moe:
-      h, aux = self.mlp(self.mlp_norm(x))
+      h, aux = self.mlp(self.mlp_norm(x), token_axes)
     else:
       h, aux = self.mlp(self.mlp_norm(x)), {}
     return x + h, aux, cache
@@ -84,9 +85,9 @@ class MTPLayer(nnx.Module):
     self.final_norm = RMSNorm(h, cfg.rms_norm_eps, "embed", param_dtype=param_dtype)
     self.dtype = dtype
 
-  def __call__(self, emb, hidden, positions, segment_ids):
+  def __call__(self, emb, hidden, positions, segment_ids, token_axes=None):
     x = jnp.concatenate([self.enorm(emb), self.hnorm(hidden)], axis=-1) @ self.eh_proj[...].astype(self.dtype)
-    x, aux, _ = self.block(x, positions, segment_ids)
+    x, aux, _ = self.block(x, positions, segment_ids, token_axes=token_axes)
     return x, self.final_norm(x), aux
 
 
@@ -182,18 +183,19 @@ def abstract_params(cfg) -> dict:
 # ------------------------------------------------------------------------------------------- forward
 
 
+# What each ``model.remat`` name (``config.REMAT_POLICIES``) saves for the backward pass; "none" saves everything.
+_REMAT_SAVEABLE = dict(zip(REMAT_POLICIES[1:], (None, jax.checkpoint_policies.checkpoint_dots,
+                                                 jax.checkpoint_policies.dots_with_no_batch_dims_saveable)))
+assert REMAT_POLICIES[0] == "none" and len(_REMAT_SAVEABLE) == len(REMAT_POLICIES) - 1, REMAT_POLICIES
+
+
 def _remat(fn, policy: str):
   if policy == "none":
     return fn
-  policies = {
-      "full": None,
-      "dots": jax.checkpoint_policies.checkpoint_dots,
-      "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-  }
-  return jax.checkpoint(fn, policy=policies[policy], prevent_cse=False)
+  return jax.checkpoint(fn, policy=_REMAT_SAVEABLE[policy], prevent_cse=False)
 
 
-def _run_stack(cfg, name, stacked, x, positions, segment_ids, cache):
+def _run_stack(cfg, name, stacked, x, positions, segment_ids, cache, token_axes=None):
   """Applies the stacked blocks ``name`` in order. Returns (x, stacked aux, stacked new cache)."""
   m = _model_cfg(cfg)
 
@@ -202,7 +204,7 @@ def _run_stack(cfg, name, stacked, x, positions, segment_ids, cache):
     block = _merge(m, name, layer_params)
     if layer_cache is not None:
       layer_cache = dict(layer_cache, index=cache["index"])
-    x, aux, new_cache = block(x, positions, segment_ids, layer_cache)
+    x, aux, new_cache = block(x, positions, segment_ids, layer_cache, token_axes)
     if new_cache is not None:
       new_cache = {"c": new_cache["c"], "k_rope": new_cache["k_rope"]}
     return x, (aux, new_cache)
@@ -236,6 +238,7 @@ def forward_hidden(cfg, params, tokens, *, positions=None, segment_ids=None, cac
   """Tokens [b, s] -> final-normed hidden [b, s, embed] (compute dtype), the MTP hiddens (one per module,
   module k's position i predicting token i + k + 2 of ``tokens``), aux statistics and the new cache."""
   m = _model_cfg(cfg)
+  token_axes = batch_axes(get_rules(cfg))  # expert parallelism splits tokens as the batch is split
   b, s = tokens.shape
   if positions is None:
     start = 0 if cache is None else cache["index"]
@@ -246,7 +249,7 @@ def forward_hidden(cfg, params, tokens, *, positions=None, segment_ids=None, cac
   aux, new_cache = {}, None if cache is None else {}
   for name in ("dense_layers", "moe_layers"):
     if name in params:
-      x, aux[name], c = _run_stack(m, name, params[name], x, positions, segment_ids, cache)
+      x, aux[name], c = _run_stack(m, name, params[name], x, positions, segment_ids, cache, token_axes)
       if cache is not None:
         new_cache[name] = c
   if cache is not None:
@@ -258,7 +261,7 @@ def forward_hidden(cfg, params, tokens, *, positions=None, segment_ids=None, cac
     for k in range(m.mtp.num_layers):
       layer = _merge(m, "mtp", jax.tree.map(lambda a: a[k], params["mtp"]))
       emb = embed(m, params, _shift_left(tokens, k + 1))
-      prev, normed, a = layer(emb, prev, positions, segment_ids)
+      prev, normed, a = layer(emb, prev, positions, segment_ids, token_axes)
       mtp_hidden.append(normed)
       mtp_aux.append(a)
     aux["mtp"] = jax.tree.map(lambda *a: jnp.stack(a), *mtp_aux)

@@ -24,7 +24,7 @@ import socket
 
 import jax
 
-from joyjax.config import ConfigError
+from joyjax.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -25,11 +25,11 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
-from joyjax.config import ConfigError
+from joyjax.axes import MESH_AXES
+from joyjax.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-MESH_AXES = ("dcn_data", "data", "fsdp", "expert", "tensor")
 
 
 def _sizes(cfg) -> dict[str, int]:

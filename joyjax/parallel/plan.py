@@ -39,12 +39,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from joyjax.parallel.mesh import MESH_AXES, mesh_shape
-from joyjax.parallel.rules import get_rules, param_specs, shard_shape, state_specs
+from joyjax.axes import MESH_AXES, get_rules
+from joyjax.parallel.mesh import mesh_shape
+from joyjax.parallel.rules import param_specs, shard_shape, state_specs
 
 GIB = 1024 ** 3
 EXPERT_LEAVES = ("wi_gate", "wi_up", "wo")
-REMAT_SAVES_ALL = ("none", "dots", "dots_no_batch")
 
 
 def _key(k) -> str:
@@ -101,7 +101,7 @@ def _activations(cfg, sizes: dict, tokens: float, seqs: float, seq_len: int) -> 
                         + 3 * e.num_shared_experts * e.intermediate_size / tp)
   layer = attn + scores + max(dense if m.first_k_dense else 0.0, moe) + 2 * tokens * m.hidden_size * b
   residual = n_layers * tokens * m.hidden_size * b
-  if m.remat in REMAT_SAVES_ALL:
+  if m.remat != "full":  # every other policy keeps each block's working set
     residual = n_layers * layer
   loss = 2 * min(cfg.train.loss_chunk, tokens) * m.vocab_size / tp * 4
   return {"residual": residual, "layer": layer, "scores": scores, "loss": loss}

@@ -1,15 +1,6 @@
 """Logical-axis rules: from the logical names arrays carry to mesh axes, and the shardings they give.
 
-Rules
------
-A rule maps one logical axis name to a tuple of mesh axes (possibly empty: replicated). Encoded as a string
-``'name=axis+axis,name=,...'`` (``cfg.mesh.rules``; ``''`` = the defaults) or as a sequence of
-``(name, (axes...))`` pairs. The string in ``cfg.mesh.rules`` is merged over ``DEFAULT_RULES``: a name it gives
-replaces that default (keeping the default's place in the order), new names are appended.
-
-The defaults (MaxText-like): params are sharded FSDP-style over ``fsdp`` and ``expert`` (the expert axis acts
-as more fsdp outside MoE layers), routed experts over ``expert``, heads / MLP width / vocab over ``tensor``,
-replicated over ``dcn_data`` and ``data``; a batch is split over every data-parallel axis.
+The rules themselves (names, defaults, the ``mesh.rules`` grammar) live in ``joyjax.axes``.
 
 How a spec is built (``logical_to_spec``)
 -----------------------------------------
@@ -34,76 +25,9 @@ from typing import Any, Iterable, Sequence
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from joyjax.parallel.mesh import MESH_AXES
-
-Rules = tuple[tuple[str, tuple[str, ...]], ...]
-
-BATCH_AXES = ("dcn_data", "data", "fsdp", "expert")
-FSDP_AXES = ("fsdp", "expert")
-
-DEFAULT_RULES: Rules = (
-    ("batch", BATCH_AXES),         # activations / inputs: every data-parallel axis (listed first: claims first)
-    ("expert", ("expert",)),       # routed experts (and the router's expert column)
-    ("vocab", ("tensor",)),        # embedding rows, head columns
-    ("heads", ("tensor",)),        # attention heads
-    ("mlp", ("tensor",)),          # dense / shared / routed MLP width
-    ("embed", FSDP_AXES),          # residual width of every weight: the FSDP dim
-    ("q_lora", FSDP_AXES),         # q_b's input dim (q_a takes fsdp on embed first)
-    ("kv_lora", FSDP_AXES),        # kv_b's input dim and the kv norm
-    ("mtp_in", FSDP_AXES),         # MTP eh_proj input ([emb; hidden]); embed usually claims first
-    ("seq", ()),
-    ("layers", ()),                # the scanned stacking axis (a pipeline axis would go here)
-    ("head_dim", ()),
-)
-
-
-def parse_rules(text: str | Sequence | None) -> Rules:
-  """Rules from ``'name=a+b,name=,...'`` or ``[(name, axes), ...]``; checks mesh axis names."""
-  if text is None:
-    return DEFAULT_RULES
-  if isinstance(text, str):
-    pairs = []
-    for item in (s.strip() for s in text.split(",")):
-      if not item:
-        continue
-      if "=" not in item:
-        raise ValueError(f"mesh.rules: entry {item!r} must look like name=axis+axis (or name= to replicate)")
-      name, axes = (s.strip() for s in item.split("=", 1))
-      pairs.append((name, tuple(a.strip() for a in axes.split("+") if a.strip())))
-  else:
-    pairs = [(n, (a,) if isinstance(a, str) else tuple(a or ())) for n, a in text]
-  seen = set()
-  for name, axes in pairs:
-    if not name:
-      raise ValueError("mesh.rules: an entry has an empty logical name")
-    if name in seen:
-      raise ValueError(f"mesh.rules: logical name {name!r} is given twice")
-    seen.add(name)
-    unknown = [a for a in axes if a not in MESH_AXES]
-    if unknown:
-      raise ValueError(f"mesh.rules: {name!r} maps to unknown mesh axis {unknown[0]!r}; mesh axes are {MESH_AXES}")
-    if len(set(axes)) != len(axes):
-      raise ValueError(f"mesh.rules: {name!r} names a mesh axis twice: {axes}")
-  return tuple(pairs)
-
-
-def merge_rules(base: Rules, override: Rules) -> Rules:
-  """``override`` entries replace ``base``'s of the same name in place; new names are appended."""
-  over = dict(override)
-  merged = [(n, over.pop(n)) if n in over else (n, a) for n, a in base]
-  merged += [(n, a) for n, a in override if n in over]
-  return tuple(merged)
-
-
-def format_rules(rules: Rules) -> str:
-  return ",".join(f"{n}={'+'.join(a)}" for n, a in rules)
-
-
-def get_rules(cfg=None) -> Rules:
-  """The rules of ``cfg`` (``cfg.mesh.rules`` merged over ``DEFAULT_RULES``); defaults for None."""
-  text = "" if cfg is None else cfg.mesh.get("rules", "")
-  return merge_rules(DEFAULT_RULES, parse_rules(text)) if text else DEFAULT_RULES
-
+from joyjax import model
+from joyjax.axes import DEFAULT_RULES, Rules, batch_axes, get_rules, parse_rules
+from joyjax.tree import path_names
 
 def _mesh_sizes(mesh) -> dict[str, int]:
   return dict(mesh.shape)
@@ -154,7 +78,6 @@ def _is_axes(x) -> bool:
 
 def param_specs(cfg, mesh, abstract_params=None, rules: Rules | None = None) -> Any:
   """Tree of PartitionSpec for the params (by ``model.logical_axes(cfg)``, checked against the shapes)."""
-  from joyjax import model
   rules = get_rules(cfg) if rules is None else rules
   axes_tree = model.logical_axes(cfg)
   shapes = model.abstract_params(cfg) if abstract_params is None else abstract_params
@@ -173,25 +96,17 @@ def param_shardings(cfg, mesh, abstract_params=None, rules: Rules | None = None)
                       is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-def _key_name(k) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
 def state_specs(cfg, mesh, abstract_state, rules: Rules | None = None, abstract_params=None) -> Any:
   """Tree of PartitionSpec for any pytree holding params and optimizer state (see ``state_shardings``)."""
-  from joyjax import model
   rules = get_rules(cfg) if rules is None else rules
   axes_tree = model.logical_axes(cfg)
   flat_axes, _ = jax.tree_util.tree_flatten_with_path(axes_tree, is_leaf=_is_axes)
-  by_path = {tuple(_key_name(k) for k in p): a for p, a in flat_axes}
+  by_path = {path_names(p): a for p, a in flat_axes}
   depth = max(len(p) for p in by_path)
 
   def spec(path, leaf):
     shape = tuple(getattr(leaf, "shape", ()))
-    names = tuple(_key_name(k) for k in path)
+    names = path_names(path)
     for n in range(min(depth, len(names)), 0, -1):   # longest path suffix that names a param
       axes = by_path.get(names[-n:])
       if axes is not None:
@@ -231,7 +146,7 @@ def data_parallel_size(mesh, rules: Rules | None = None) -> int:
   """How many ways a batch is split: the product of the 'batch' rule's mesh axes (global batch must divide)."""
   rules = DEFAULT_RULES if rules is None else rules
   sizes = _mesh_sizes(mesh)
-  return math.prod(sizes.get(a, 1) for a in dict(rules).get("batch", ()))
+  return math.prod(sizes.get(a, 1) for a in batch_axes(rules))
 
 
 def shard_shape(shape: Sequence[int], spec: PartitionSpec, mesh) -> tuple[int, ...]:

@@ -3,8 +3,9 @@
 Layout (mesh axes ``('dcn_data', 'data', 'fsdp', 'expert', 'tensor')``, any subset):
 
 * experts are sharded over ``expert`` (``E / ep`` local experts per shard);
-* tokens are sharded over every batch axis present with size > 1 (``dcn_data``, ``data``, ``fsdp``,
-  ``expert``): outside the MoE the expert axis acts as one more data axis;
+* tokens are sharded over the mesh axes of the ``batch`` rule (``joyjax.axes``; by default ``dcn_data``,
+  ``data``, ``fsdp``, ``expert``) present with size > 1: outside the MoE the expert axis acts as one more data
+  axis. A ``mesh.rules`` override of ``batch`` reaches here through the model's forward;
 * ``tensor`` (and any other axis) is replicated inside the MoE.
 
 Inside ``shard_map`` each shard
@@ -41,9 +42,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from joyjax import kernels
+from joyjax.axes import DEFAULT_RULES, EXPERT_AXIS, batch_axes as rule_batch_axes
 
-BATCH_AXES = ("dcn_data", "data", "fsdp", "expert")
-EXPERT_AXIS = "expert"
 
 
 # ------------------------------------------------------------------------------------- jax version compat
@@ -102,10 +102,12 @@ def expert_axis_size(mesh) -> int:
   return int(dict(mesh.shape)[EXPERT_AXIS])
 
 
-def batch_axes(mesh) -> tuple[str, ...]:
-  """The mesh axes tokens are sharded over inside the MoE, in mesh-rule order."""
+def batch_axes(mesh, token_axes: tuple[str, ...] | None = None) -> tuple[str, ...]:
+  """The mesh axes tokens are sharded over inside the MoE: ``token_axes`` (the ``batch`` rule of the config's
+  ``mesh.rules``; the default rule when None) that the mesh has with size > 1, in rule order."""
   sizes = dict(mesh.shape)
-  return tuple(a for a in BATCH_AXES if sizes.get(a, 1) > 1)
+  wanted = rule_batch_axes(DEFAULT_RULES) if token_axes is None else token_axes
+  return tuple(a for a in wanted if sizes.get(a, 1) > 1)
 
 
 def capacity(tokens_local: int, top_k: int, ep: int, capacity_factor: float) -> int:
@@ -121,13 +123,14 @@ def capacity(tokens_local: int, top_k: int, ep: int, capacity_factor: float) -> 
 
 def expert_parallel_experts(flat, weights, ids, wi_gate, wi_up, wo, *, mesh, num_experts: int,
                             capacity_factor: float = 0.0, impl: str = "auto", dtype=None,
-                            fuse_swiglu: bool = False):
+                            fuse_swiglu: bool = False, token_axes: tuple[str, ...] | None = None):
   """Routed experts with the experts sharded over mesh axis ``expert``.
 
   flat: [T, H] tokens; weights: [T, k] routing weights; ids: [T, k] int expert ids in [0, num_experts);
   wi_gate, wi_up: [E, H, F]; wo: [E, F, H]; mesh: a ``Mesh`` or ``AbstractMesh`` with an ``expert`` axis
   dividing ``num_experts``; dtype: compute dtype of the expert matmuls (default ``flat.dtype``); fuse_swiglu:
-  gate/up projections and SwiGLU in one Pallas kernel (``model.moe.fuse_swiglu``; Pallas impls only).
+  gate/up projections and SwiGLU in one Pallas kernel (``model.moe.fuse_swiglu``; Pallas impls only);
+  token_axes: the mesh axes a batch is split over (the ``batch`` rule of ``mesh.rules``; None = the default).
 
   Returns (out [T, H] float32: ``out[t] = sum_s weights[t, s] * expert_{ids[t, s]}(flat[t])`` over the rows
   that were not dropped; dropped [] float32: the global number of dropped (token, slot) rows, 0 if dropless).
@@ -145,7 +148,7 @@ def expert_parallel_experts(flat, weights, ids, wi_gate, wi_up, wo, *, mesh, num
   in_spec = jax.typeof(flat).sharding.spec if explicit else None
   t, h = flat.shape
   k = ids.shape[-1]
-  axes = batch_axes(mesh)
+  axes = batch_axes(mesh, token_axes)
   shards = math.prod(dict(mesh.shape)[a] for a in axes)
   pad = -t % shards
   if pad:  # e.g. decode with one token: padded rows are marked invalid and never leave their shard
