@@ -14,26 +14,27 @@ Public API
 ``learning_rates(cfg, step, total_steps=None) -> dict``
     Current learning rates for logging: {'lr'} under adamw, {'lr', 'adam_lr'} under muon.
 
-Labelling rule (from the tree path's last key name and the leaf's logical axes, ``model.logical_axes``)
--------------------------------------------------------------------------------------------------------
-1. ``router_bias`` -> 'frozen': not a gradient parameter (the trainer moves it from expert loads); the
-   optimizer returns a zero update for it and keeps no state for it.
+Labelling rule (from ``model.param_info``: what each layer declared when it created the parameter)
+-----------------------------------------------------------------------------------------------------
+1. The router's selection bias (``frozen``) -> 'frozen': not a gradient parameter (the trainer moves it from
+   expert loads); the optimizer returns a zero update for it and keeps no state for it.
 2. Any leaf with fewer than two axes besides the stacking axis 'layers' (norm ``scale``s, any bias)
    -> 'adam_no_decay'.
-3. Any leaf with a 'vocab' axis (the embedding table, ``lm_head``) and the MoE ``router`` -> 'adam'.
-4. The block weight matrices named in ``MUON_INPUT_AXES`` (attention q_a, q_b, q, kv_a, kv_b, o;
-   dense MLP / shared expert gate, up, down; routed experts wi_gate, wi_up, wo; MTP eh_proj) -> 'muon'.
-5. Anything else raises ``ValueError`` naming the parameter, so a new weight is placed deliberately.
+3. A matrix declared without Muon input axes (``inputs=None``: the embedding table, the output head, the MoE
+   router) -> 'adam'.
+4. A matrix with Muon input axes (attention q_a, q_b, q, kv_a, kv_b, o; dense MLP / shared expert gate, up,
+   down; routed experts wi_gate, wi_up, wo; MTP eh_proj) -> 'muon'. ``layers.param`` requires ``inputs``, so a
+   new weight is placed deliberately where it is defined.
 
 Muon treats each weight as a batch of 2-D matrices ``x @ W``: the batch axes are 'layers' and 'expert'
-(every layer and every routed expert is orthogonalised on its own), the reduction axes are the logical
-axes in ``MUON_INPUT_AXES[name]`` (the contracted inputs) and the remaining axes are the outputs; multi-axis
+(every layer and every routed expert is orthogonalised on its own), the reduction axes are the declared
+input axes (the contracted inputs) and the remaining axes are the outputs; multi-axis
 inputs/outputs (``o``: (heads, head_dim) -> embed, ``q_b``: q_lora -> (heads, head_dim)) are flattened
 into one matrix dimension by optax's ``MuonDimensionNumbers`` reshape.
 
 Weight decay is decoupled (``add_decayed_weights`` before the lr scaling, i.e. multiplied by the
 scheduled lr as in PyTorch / optax AdamW) and masked off for norms, biases and the token embedding table
-(as ``configs/base.py`` documents), in both the adamw and the muon recipe.
+(``decay=False`` where declared; as ``configs/base.py`` documents), in both the adamw and the muon recipe.
 
 Step convention: schedules take optax's ``count`` = the number of updates already applied (0 for the first
 update) and evaluate at ``s = step + 1``: warmup gives ``peak * s / warmup_steps`` (the first update is not a
@@ -52,28 +53,12 @@ import optax
 from optax.contrib import MuonDimensionNumbers, scale_by_muon
 from optax.contrib._muon import scale_by_shape
 
+from joyjax import model
+from joyjax.tree import path_names, path_str
+
 LABELS = ("muon", "adam", "adam_no_decay", "frozen")
 
-# Weight matrices Muon optimises: leaf name -> logical axes contracted with the input (x @ W).
-MUON_INPUT_AXES: dict[str, tuple[str, ...]] = {
-    "q_a": ("embed",),             # [embed, q_lora]
-    "q_b": ("q_lora",),            # [q_lora, heads, head_dim]
-    "q": ("embed",),               # [embed, heads, head_dim]      (q_lora_rank = 0)
-    "kv_a": ("embed",),            # [embed, kv_lora (+ rope)]
-    "kv_b": ("kv_lora",),          # [kv_lora, heads, head_dim]
-    "o": ("heads", "head_dim"),    # [heads, head_dim, embed]
-    "gate": ("embed",),            # [embed, mlp]                  dense MLP and shared experts
-    "up": ("embed",),              # [embed, mlp]
-    "down": ("mlp",),              # [mlp, embed]
-    "wi_gate": ("embed",),         # [expert, embed, mlp]          routed experts
-    "wi_up": ("embed",),           # [expert, embed, mlp]
-    "wo": ("mlp",),                # [expert, mlp, embed]
-    "eh_proj": ("mtp_in",),        # [mtp_in, embed]               MTP projection of [emb; hidden]
-}
-# Matrices trained by AdamW under muon (besides anything with a 'vocab' axis).
-ADAM_NAMES = ("router",)
-FROZEN_NAMES = ("router_bias",)
-NO_DECAY_NAMES = ("embedding",)    # the token embedding table (also the head when tied)
+# Muon's batch axes: every layer of a stack and every routed expert is orthogonalised on its own.
 BATCH_AXES = ("layers", "expert")
 
 
@@ -142,57 +127,33 @@ def learning_rates(cfg, step, total_steps: int | None = None) -> dict[str, jax.A
 # ------------------------------------------------------------------------------------------------ labels
 
 
-def _key_name(k) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
-def _path_str(path) -> str:
-  return "/".join(_key_name(k) for k in path)
-
-
-def _axes_lookup(axes_tree, path):
-  node = axes_tree
-  for k in path:
-    name = _key_name(k)
-    if not isinstance(node, dict) or name not in node:
-      return None
-    node = node[name]
-  return node if isinstance(node, tuple) else None
-
-
 def _leaf_info(cfg, params):
-  """[(path, leaf, logical axes)] for every leaf of ``params``; axes checked against the leaf's rank."""
-  from joyjax import model  # local import: model is heavier and optim is imported by light tools too
-  axes_tree = model.logical_axes(cfg)
+  """[(path, leaf, ParamInfo)] for every leaf of ``params``; the info's axes checked against the leaf's rank."""
+  info_tree = model.param_info(cfg)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   info = []
   for path, leaf in leaves:
-    axes = _axes_lookup(axes_tree, path)
-    if axes is None:
-      raise ValueError(f"optim: parameter {_path_str(path)!r} is not in model.logical_axes(cfg); "
+    node = info_tree
+    for name in path_names(path):
+      node = node.get(name) if isinstance(node, dict) else None
+    if not model.is_info(node):
+      raise ValueError(f"optim: parameter {path_str(path)!r} is not in model.param_info(cfg); "
                        "params and config do not describe the same model")
-    if len(axes) != len(leaf.shape):
-      raise ValueError(f"optim: parameter {_path_str(path)!r} has shape {tuple(leaf.shape)} but logical axes "
-                       f"{axes}")
-    info.append((path, leaf, axes))
+    if len(node.axes) != len(leaf.shape):
+      raise ValueError(f"optim: parameter {path_str(path)!r} has shape {tuple(leaf.shape)} but logical axes "
+                       f"{node.axes}")
+    info.append((path, leaf, node))
   return info, treedef
 
 
-def _label(path, axes) -> str:
-  name = _key_name(path[-1]) if path else ""
-  if name in FROZEN_NAMES:
+def _label(path, info) -> str:
+  if info.frozen:
     return "frozen"
-  if len([a for a in axes if a != "layers"]) < 2:
+  if len([a for a in info.axes if a != "layers"]) < 2:
     return "adam_no_decay"
-  if "vocab" in axes or name in ADAM_NAMES:
+  if info.muon_inputs is None:
     return "adam"
-  if name in MUON_INPUT_AXES:
-    return "muon"
-  raise ValueError(f"optim: no labelling rule for parameter {_path_str(path)!r} with logical axes {axes}; "
-                   "add its name to MUON_INPUT_AXES (with its input axes) or ADAM_NAMES in joyjax/optim.py")
+  return "muon"
 
 
 def param_labels(cfg, params) -> Any:
@@ -201,16 +162,15 @@ def param_labels(cfg, params) -> Any:
   return jax.tree_util.tree_unflatten(treedef, [_label(p, a) for p, _, a in info])
 
 
-def _dim_numbers(path, axes) -> MuonDimensionNumbers:
-  name = _key_name(path[-1])
-  inputs = MUON_INPUT_AXES[name]
+def _dim_numbers(path, info) -> MuonDimensionNumbers:
+  axes, inputs = info.axes, info.muon_inputs
   missing = [a for a in inputs if a not in axes]
   if missing:
-    raise ValueError(f"optim: Muon input axes {inputs} of {_path_str(path)!r} not all in its axes {axes}")
+    raise ValueError(f"optim: Muon input axes {inputs} of {path_str(path)!r} not all in its axes {axes}")
   reduction = tuple(i for i, a in enumerate(axes) if a in inputs)
   output = tuple(i for i, a in enumerate(axes) if a not in inputs and a not in BATCH_AXES)
   if not output:
-    raise ValueError(f"optim: {_path_str(path)!r} with axes {axes} has no output axis for Muon")
+    raise ValueError(f"optim: {path_str(path)!r} with axes {axes} has no output axis for Muon")
   return MuonDimensionNumbers(reduction_axis=reduction, output_axis=output)
 
 
@@ -225,8 +185,8 @@ def weight_decay_mask(cfg, params) -> Any:
   """True where decoupled weight decay applies: 'muon' and 'adam' leaves except the embedding table."""
   info, treedef = _leaf_info(cfg, params)
 
-  def decays(path, axes):
-    return _label(path, axes) in ("muon", "adam") and _key_name(path[-1]) not in NO_DECAY_NAMES
+  def decays(path, info):
+    return _label(path, info) in ("muon", "adam") and info.decay
 
   return jax.tree_util.tree_unflatten(treedef, [decays(p, a) for p, _, a in info])
 
@@ -246,7 +206,6 @@ def make_optimizer(cfg, params_or_abstract=None, total_steps: int | None = None)
   None = ``model.abstract_params(cfg)``. ``total_steps`` defaults to ``cfg.train.steps``.
   The state holds only arrays (orbax-saveable); build it with ``jax.eval_shape(tx.init, abstract)``.
   """
-  from joyjax import model
   o = cfg.optim
   params = model.abstract_params(cfg) if params_or_abstract is None else params_or_abstract
   total = _total_steps(cfg, total_steps)

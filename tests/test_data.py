@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from configs import base
-from joyjax.config import ConfigError
+from joyjax.batch import LM_KEYS
+from joyjax.errors import ConfigError
 from joyjax import data
 from joyjax.data import corpus as corpus_mod
 from joyjax.data import tokenizer as tok_mod
@@ -150,7 +151,7 @@ def test_every_format_reads_the_same_documents_and_tokens(tmp_path, tok):
     else:
       assert len(batches) == len(first)
       for a, b in zip(first, batches):
-        for k in data.EXAMPLE_KEYS:
+        for k in LM_KEYS:
           np.testing.assert_array_equal(a[k], b[k], err_msg=f"{name} {k}")
   # Comma-separated lists and globs mix formats; explicit format overrides the extension.
   mixed = data.open_source(f"{paths['jsonl']},{tmp_path}/*.parquet")
@@ -282,12 +283,12 @@ def _take(it, n):
 
 
 def _same(a, b):
-  return all(np.array_equal(x[k], y[k]) for x, y in zip(a, b) for k in data.EXAMPLE_KEYS)
+  return all(np.array_equal(x[k], y[k]) for x, y in zip(a, b) for k in LM_KEYS)
 
 
 def test_batches_have_the_documented_shape(tmp_path, jsonl, tok):
   b = next(data.make_iterator(_cfg(tmp_path, jsonl), tok))
-  assert sorted(b) == sorted(data.EXAMPLE_KEYS)
+  assert sorted(b) == sorted(LM_KEYS)
   for v in b.values():
     assert v.dtype == np.int32 and v.shape == (2, 16)
 
@@ -416,6 +417,8 @@ def test_embedded_corpus_is_deterministic_and_excludes_tests(tmp_path):
   assert [t for _, t in corpus_mod.select_stdlib_files(300_000)] == [r["text"] for r in rows]
 
 
+# Starts worker processes; test_iterator_state_round_trip_gives_identical_next_batches is the in-process case.
+@pytest.mark.slow
 def test_worker_processes_resume_exactly(tmp_path, jsonl, tok):
   c = _cfg(tmp_path, jsonl, worker_count=2)
   it = data.make_iterator(c, tok, batch_size=4)

@@ -7,14 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import load_repo_config, tiny_config
 from joyjax import model
-from joyjax.config import load_config
-from joyjax.params import count_params
+from joyjax.model import count_params
 
 
 @pytest.fixture(scope="module")
 def tiny():
-  cfg = load_config("configs/tiny.py")
+  cfg = tiny_config()
   return cfg, model.init(cfg, jax.random.key(0))
 
 
@@ -78,7 +78,7 @@ def test_mtp_is_causal_and_uses_next_token(tiny):
 @pytest.mark.parametrize("overrides", [dict(scan_layers=False), dict(remat="full"), dict(remat="dots")])
 def test_scan_and_remat_do_not_change_results(tiny, overrides):
   cfg, params = tiny
-  other = load_config("configs/tiny.py", [f"--config.model.{k}={v}" for k, v in overrides.items()])
+  other = tiny_config({f"model.{k}": v for k, v in overrides.items()})
   tokens = np.random.default_rng(3).integers(0, cfg.model.vocab_size, (2, 10))
 
   def loss(c):
@@ -93,7 +93,7 @@ def test_scan_and_remat_do_not_change_results(tiny, overrides):
 
 def test_bf16_compute_is_close_to_float32(tiny):
   cfg, params = tiny
-  bf = load_config("configs/tiny.py", ["--config.model.dtype=bfloat16"])
+  bf = tiny_config("--config.model.dtype=bfloat16")
   tokens = np.random.default_rng(4).integers(0, cfg.model.vocab_size, (2, 10))
   ref = jax.nn.log_softmax(model.forward(cfg, params, tokens))
   got = model.forward(bf, params, tokens)
@@ -113,7 +113,7 @@ def test_every_param_has_logical_axes(tiny):
 
 def test_joyai_flash_parameter_count_by_hand():
   """The published shapes: 48B total, ~3B activated. Derived here from the architecture, longhand."""
-  cfg = load_config("configs/joyai_flash.py")
+  cfg = load_repo_config("joyai_flash")
   H, V, L, dense_w = 2048, 129280, 40, 7168
   heads, q_lora, kv_lora, nope, rope, v = 32, 1536, 512, 128, 64, 128
   E, k, w, shared = 256, 8, 768, 1

@@ -13,14 +13,14 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import tiny_config
 from joyjax import model, optim
-from joyjax.config import load_config
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # the standard quintic Newton-Schulz coefficients (Keller Jordan's Muon)
 
 
 def _cfg(*overrides):
-  return load_config("configs/tiny.py", list(overrides))
+  return tiny_config(overrides)
 
 
 @pytest.fixture(scope="module")
@@ -154,22 +154,35 @@ def test_param_labels_of_tiny_model(abstract):
   assert set(labels.values()) == set(optim.LABELS)
 
 
-def test_unknown_matrix_raises_naming_it(abstract, monkeypatch):
+def test_new_weights_are_labelled_from_what_their_layer_declares(abstract, monkeypatch):
+  """Labels come from the metadata a layer gives ``layers.param`` (no name lists in the optimizer): a weight
+  cannot be created without saying whether it is a Muon matrix, and a renamed or new one is labelled by what
+  it declared, whatever its path."""
+  from flax import nnx
+  from joyjax.model import layers
+  with pytest.raises(TypeError, match="inputs"):
+    layers.param(nnx.Rngs(0), (4, 4), ("embed", "mlp"), std=0.02, dtype=jnp.float32)
   cfg = _cfg()
-  axes = model.logical_axes(cfg)
-  axes["moe_layers"]["mlp"]["mystery_proj"] = ("layers", "embed", "mlp")
-  monkeypatch.setattr(model, "logical_axes", lambda c: axes)
+  info = model.param_info(cfg)
+  mlp = info["moe_layers"]["mlp"]
+  mlp["mystery_proj"] = model.ParamInfo(axes=("layers", "embed", "mlp"), muon_inputs=("embed",), decay=True,
+                                        routed=False, frozen=False)
+  mlp["mystery_table"] = model.ParamInfo(axes=("layers", "embed", "mlp"), muon_inputs=None, decay=False,
+                                         routed=False, frozen=False)
+  mlp["mystery_vec"] = model.ParamInfo(axes=("layers", "embed"), muon_inputs=None, decay=True, routed=False,
+                                       frozen=False)
+  monkeypatch.setattr(model, "param_info", lambda c: info)
   params = _subtree(abstract, ["moe_layers/mlp/wo"])
   params["moe_layers"]["mlp"]["mystery_proj"] = jax.ShapeDtypeStruct((2, 64, 32), jnp.float32)
-  with pytest.raises(ValueError, match="moe_layers/mlp/mystery_proj"):
-    optim.param_labels(cfg, params)
-  with pytest.raises(ValueError, match="mystery_proj"):
-    optim.make_optimizer(cfg, params)
-  # a 1-D leaf of any name is a norm-like vector: no error
-  del params["moe_layers"]["mlp"]["mystery_proj"]
-  axes["moe_layers"]["mlp"]["mystery_vec"] = ("layers", "embed")
+  params["moe_layers"]["mlp"]["mystery_table"] = jax.ShapeDtypeStruct((2, 64, 32), jnp.float32)
   params["moe_layers"]["mlp"]["mystery_vec"] = jax.ShapeDtypeStruct((2, 64), jnp.float32)
-  assert optim.param_labels(cfg, params)["moe_layers"]["mlp"]["mystery_vec"] == "adam_no_decay"
+  labels = optim.param_labels(cfg, params)["moe_layers"]["mlp"]
+  assert (labels["mystery_proj"], labels["mystery_table"], labels["mystery_vec"]) == ("muon", "adam",
+                                                                                        "adam_no_decay")
+  decay = optim.weight_decay_mask(cfg, params)["moe_layers"]["mlp"]
+  assert (decay["mystery_proj"], decay["mystery_table"], decay["mystery_vec"]) == (True, False, False)
+  dims = optim.muon_dimension_numbers(cfg, params)["moe_layers"]["mlp"]["mystery_proj"]
+  assert (tuple(dims.reduction_axis), tuple(dims.output_axis)) == ((1,), (2,))
 
 
 def test_param_not_in_model_raises_naming_it(abstract):

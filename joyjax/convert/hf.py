@@ -14,12 +14,14 @@ import logging
 import os
 import re
 
+import jax
+import ml_dtypes
 import numpy as np
 
 from configs import base as base_config
 from joyjax import model as jmodel
 from joyjax.config import validate
-from joyjax.errors import ConversionError
+from joyjax.errors import CheckpointError, ConversionError
 from joyjax.convert.safetensors_io import CheckpointFormatError, SafetensorsReader, ShardedWriter
 
 log = logging.getLogger(__name__)
@@ -248,6 +250,9 @@ def _fused_experts(reader, prefix, m):
 
 def import_checkpoint(hf_dir: str, *, param_dtype: str = "float32"):
   """Reads a HF checkpoint directory. Returns (config, params) with params a dict of numpy arrays."""
+  if not os.path.isdir(hf_dir):
+    raise CheckpointError(f"Hugging Face checkpoint directory {hf_dir} does not exist; --hf-dir takes a local "
+                          "directory holding config.json and *.safetensors")
   cfg_path = os.path.join(hf_dir, "config.json")
   if not os.path.exists(cfg_path):
     raise ConversionError(f"{hf_dir}: no config.json; point --hf-dir at a Hugging Face model directory")
@@ -301,7 +306,6 @@ def import_checkpoint(hf_dir: str, *, param_dtype: str = "float32"):
 
 
 def _allocate(abstract):
-  import jax
   return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract)
 
 
@@ -355,7 +359,6 @@ def export_checkpoint(cfg, params, out_dir: str, *, dtype: str = "bfloat16", max
   The MTP modules go to layers ``num_hidden_layers + k`` with copies of the embedding and head, as DeepSeek-V3
   checkpoints store them.
   """
-  import ml_dtypes
   np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[dtype]
   m = cfg.model if "model" in cfg else cfg
   os.makedirs(out_dir, exist_ok=True)

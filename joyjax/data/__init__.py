@@ -11,7 +11,7 @@ Typical use (the trainer)::
 """
 
 from joyjax.data.corpus import build_embedded_corpus, select_stdlib_files
-from joyjax.data.packing import EXAMPLE_KEYS, PackIterDataset, to_example
+from joyjax.data.packing import PackIterDataset, to_example
 from joyjax.data.pipeline import (
     DataIterator,
     build_tokenizer,
@@ -42,7 +42,7 @@ from joyjax.data.tokenizer import (
 )
 
 __all__ = [
-    "ArrayRecordSource", "BOS", "DataError", "DataIterator", "DocumentSource", "EOS", "EXAMPLE_KEYS",
+    "ArrayRecordSource", "BOS", "DataError", "DataIterator", "DocumentSource", "EOS",
     "JsonlSource", "PAD", "PackIterDataset", "ParquetSource", "TextSource", "Tokenizer",
     "build_embedded_corpus", "build_tokenizer", "cached_train_tokenizer", "check_vocab_fits",
     "detect_format", "expand_paths", "load_tokenizer", "make_dataset", "make_iterator", "open_corpus",

@@ -29,8 +29,9 @@ from typing import Any
 import grain
 import numpy as np
 
+from joyjax.batch import LM_KEYS
+
 ROW_KEYS = ("tokens", "segment_ids", "positions")
-EXAMPLE_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 
 class PackIterDataset(grain.IterDataset):
@@ -117,7 +118,7 @@ class PackIterator(grain.DatasetIterator):
 
 
 def to_example(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """A packed row of ``seq_len + 1`` tokens -> the ``seq_len``-long training example (``EXAMPLE_KEYS``)."""
+  """A packed row of ``seq_len + 1`` tokens -> the ``seq_len``-long training example (``joyjax.batch.LM_KEYS``)."""
   tokens, seg, pos = row["tokens"], row["segment_ids"], row["positions"]
   same = (seg[1:] == seg[:-1]) & (seg[:-1] != 0)
   return {

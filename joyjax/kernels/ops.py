@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from joyjax.config import MOE_IMPLS
-from joyjax.kernels import reference
+from joyjax.kernels import pallas_backend, reference
 
 ENV_VAR = "JOYJAX_MOE_IMPL"
 
@@ -23,12 +23,8 @@ def resolve_impl(impl: str = "auto") -> str:
     return impl
   platform = jax.default_backend()
   if platform in ("gpu", "cuda", "tpu"):
-    try:
-      from joyjax.kernels import pallas_backend  # noqa: F401
-      if pallas_backend.available(platform):
-        return "pallas"
-    except ImportError:
-      pass
+    if pallas_backend.available(platform):
+      return "pallas"
   return "ragged_dot"
 
 
@@ -45,7 +41,6 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, im
   if impl == "ragged_dot":
     out = jax.lax.ragged_dot(lhs, rhs, group_sizes.astype(jnp.int32), preferred_element_type=jnp.float32)
     return _zero_tail(out, group_sizes).astype(out_dtype)
-  from joyjax.kernels import pallas_backend
   return pallas_backend.gmm(lhs, rhs, group_sizes, interpret=(impl == "pallas_interpret")).astype(out_dtype)
 
 
@@ -59,7 +54,6 @@ def grouped_swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, group_sizes
   """
   impl = resolve_impl(impl)
   if fused and impl in ("pallas", "pallas_interpret"):
-    from joyjax.kernels import pallas_backend
     return pallas_backend.gmm_swiglu(x, w_gate, w_up, group_sizes, interpret=(impl == "pallas_interpret"))
   gate = grouped_matmul(x, w_gate, group_sizes, impl=impl)
   up = grouped_matmul(x, w_up, group_sizes, impl=impl)

@@ -92,7 +92,8 @@ def denominators(cfg, batch) -> dict:
 def lm_loss(cfg, params, batch, denom):
   """The pretraining loss of ``batch`` (keys inputs, targets, segment_ids, positions, loss_mask) normalised by
   ``denom`` (from ``denominators`` of the full optimizer batch). Returns (loss, aux) where aux holds the
-  summed statistics (for metrics) and per-layer expert token counts (for the router-bias update)."""
+  summed statistics (for metrics) and per-layer expert token counts (``model.aux_summary``: by stack for the
+  router-bias update, the decoder's for load metrics)."""
   t = cfg.train
   use_mtp = cfg.model.mtp.num_layers > 0 and t.mtp_loss_weight > 0
   hidden, mtp_hidden, aux, _ = model.forward_hidden(
@@ -114,22 +115,14 @@ def lm_loss(cfg, params, batch, denom):
       mtp_total = mtp_total + mce / denom["mtp_tokens"][d]
     # DeepSeek-V3: the MTP loss is the mean over depths, times its weight.
     loss = loss + t.mtp_loss_weight * mtp_total / len(mtp_hidden)
-  counts = []
-  balance = jnp.zeros((), jnp.float32)
-  dropped = jnp.zeros((), jnp.float32)
-  if "moe_layers" in aux:
-    moe = aux["moe_layers"]
-    counts.append(moe["expert_counts"])
-    balance = jnp.sum(moe["balance"])  # summed over MoE layers; each is a mean over sequences
-    if "dropped_tokens" in moe:
-      dropped = jnp.sum(moe["dropped_tokens"])
+  moe = model.aux_summary(aux)
+  balance = moe["balance"]  # summed over MoE layers; each is a mean over sequences
   if t.balance_loss_alpha > 0:
     # Weighted by this micro-batch's share of sequences so micro-batches sum to the large batch's mean.
     share = batch["inputs"].shape[0] / denom["sequences"]
     loss = loss + t.balance_loss_alpha * balance * share
   stats["balance_sum"] = balance * batch["inputs"].shape[0]
-  stats["dropped_tokens"] = dropped
-  stats["expert_counts"] = counts[0] if counts else jnp.zeros((0, 0), jnp.float32)
-  if "mtp" in aux and "expert_counts" in aux["mtp"]:
-    stats["mtp_expert_counts"] = aux["mtp"]["expert_counts"]
+  stats["dropped_tokens"] = moe["dropped_tokens"]
+  stats["expert_counts"] = moe["expert_counts"]  # {stack: [layers, E]}: the router-bias update's input
+  stats["layer_counts"] = moe["layer_counts"]    # the decoder's [moe layers, E], for load metrics
   return loss, stats

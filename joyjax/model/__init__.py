@@ -1,7 +1,11 @@
 """Pure-functional DeepSeek-V3 / JoyAI-LLM Flash model (Flax NNX modules used via split/merge)."""
 
-from joyjax.model.transformer import (abstract_params, decode_step, forward, forward_hidden, head_weights, init,
-                                      init_cache, logical_axes, logits_from_hidden, stack_sizes)
+from joyjax.model.layout import (ParamInfo, aux_summary, count_params, format_counts, is_info, logical_axes,
+                                 param_info, update_router_bias, update_router_biases)
+from joyjax.model.transformer import (MTP_STACK, STACKS, abstract_params, decode_step, forward, forward_hidden,
+                                      head_weights, init, init_cache, logits_from_hidden, stack_sizes)
 
-__all__ = ["abstract_params", "decode_step", "forward", "forward_hidden", "head_weights", "init", "init_cache",
-           "logical_axes", "logits_from_hidden", "stack_sizes"]
+__all__ = ["MTP_STACK", "STACKS", "ParamInfo", "abstract_params", "aux_summary", "count_params", "decode_step",
+           "format_counts", "forward", "forward_hidden", "head_weights", "init", "init_cache", "is_info",
+           "logical_axes", "logits_from_hidden", "param_info", "stack_sizes", "update_router_bias",
+           "update_router_biases"]

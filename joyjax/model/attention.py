@@ -28,17 +28,20 @@ class MLA(nnx.Module):
     self.dtype = dtype
     qk = self.nope + self.rope_dim
     if self.q_lora:
-      self.q_a = param(rngs, (h, self.q_lora), ("embed", "q_lora"), std=std, dtype=param_dtype)
+      self.q_a = param(rngs, (h, self.q_lora), ("embed", "q_lora"), std=std, dtype=param_dtype, inputs=("embed",))
       self.q_a_norm = RMSNorm(self.q_lora, cfg.rms_norm_eps, "q_lora", param_dtype=param_dtype)
       self.q_b = param(rngs, (self.q_lora, a.num_heads, qk), ("q_lora", "heads", "head_dim"), std=std,
-                       dtype=param_dtype)
+                       dtype=param_dtype, inputs=("q_lora",))
     else:
-      self.q = param(rngs, (h, a.num_heads, qk), ("embed", "heads", "head_dim"), std=std, dtype=param_dtype)
-    self.kv_a = param(rngs, (h, self.kv_lora + self.rope_dim), ("embed", "kv_lora"), std=std, dtype=param_dtype)
+      self.q = param(rngs, (h, a.num_heads, qk), ("embed", "heads", "head_dim"), std=std, dtype=param_dtype,
+                     inputs=("embed",))
+    self.kv_a = param(rngs, (h, self.kv_lora + self.rope_dim), ("embed", "kv_lora"), std=std, dtype=param_dtype,
+                      inputs=("embed",))
     self.kv_a_norm = RMSNorm(self.kv_lora, cfg.rms_norm_eps, "kv_lora", param_dtype=param_dtype)
     self.kv_b = param(rngs, (self.kv_lora, a.num_heads, self.nope + self.v_dim), ("kv_lora", "heads", "head_dim"),
-                      std=std, dtype=param_dtype)
-    self.o = param(rngs, (a.num_heads, self.v_dim, h), ("heads", "head_dim", "embed"), std=std, dtype=param_dtype)
+                      std=std, dtype=param_dtype, inputs=("kv_lora",))
+    self.o = param(rngs, (a.num_heads, self.v_dim, h), ("heads", "head_dim", "embed"), std=std, dtype=param_dtype,
+                   inputs=("heads", "head_dim"))
     inv_freq, self.rope_factor = rope_frequencies(cfg.rope, self.rope_dim)
     self.inv_freq = tuple(float(f) for f in inv_freq)  # static: part of the graph definition
     self.interleave = bool(cfg.rope.interleave)

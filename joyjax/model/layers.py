@@ -24,14 +24,26 @@ class RouterBias(nnx.Variable):
   """Aux-loss-free selection bias: read by the router, never differentiated; the trainer updates it."""
 
 
-def param(rngs: nnx.Rngs, shape, axes, *, std: float, dtype) -> nnx.Param:
-  """A normally initialised weight carrying its logical axis names (mapped to mesh axes by config rules)."""
+def param(rngs: nnx.Rngs, shape, axes, *, std: float, dtype, inputs: tuple[str, ...] | None, decay: bool = True,
+          routed: bool = False) -> nnx.Param:
+  """A normally initialised weight and what the rest of joyjax needs to know about it, as metadata:
+
+  axes: its logical axis names (mapped to mesh axes by the config's rules);
+  inputs: the logical axes contracted with the layer input (``x @ W``): the matrix Muon orthogonalises; None
+    for a weight that is not such a matrix (embedding table, output head, router: trained by AdamW). Required,
+    so every new weight is placed deliberately;
+  decay: whether decoupled weight decay applies;
+  routed: a routed expert's weight (leading 'expert' axis; only top-k of them are active per token).
+  """
   assert len(shape) == len(axes), (shape, axes)
-  return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), logical_axes=tuple(axes))
+  assert inputs is None or set(inputs) <= set(axes), (inputs, axes)
+  return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), logical_axes=tuple(axes),
+                   muon_inputs=None if inputs is None else tuple(inputs), decay=bool(decay), routed=bool(routed))
 
 
 def ones_param(shape, axes, *, dtype) -> nnx.Param:
-  return nnx.Param(jnp.ones(shape, dtype), logical_axes=tuple(axes))
+  """A scale vector (norms): no Muon, no weight decay."""
+  return nnx.Param(jnp.ones(shape, dtype), logical_axes=tuple(axes), muon_inputs=None, decay=False, routed=False)
 
 
 class RMSNorm(nnx.Module):

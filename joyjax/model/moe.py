@@ -16,9 +16,9 @@ class MLP(nnx.Module):
   """SwiGLU MLP: down(silu(gate x) * up x). Used for dense layers and the shared expert."""
 
   def __init__(self, hidden: int, inter: int, *, std: float, rngs: nnx.Rngs, dtype, param_dtype):
-    self.gate = param(rngs, (hidden, inter), ("embed", "mlp"), std=std, dtype=param_dtype)
-    self.up = param(rngs, (hidden, inter), ("embed", "mlp"), std=std, dtype=param_dtype)
-    self.down = param(rngs, (inter, hidden), ("mlp", "embed"), std=std, dtype=param_dtype)
+    self.gate = param(rngs, (hidden, inter), ("embed", "mlp"), std=std, dtype=param_dtype, inputs=("embed",))
+    self.up = param(rngs, (hidden, inter), ("embed", "mlp"), std=std, dtype=param_dtype, inputs=("embed",))
+    self.down = param(rngs, (inter, hidden), ("mlp", "embed"), std=std, dtype=param_dtype, inputs=("mlp",))
     self.dtype = dtype
 
   def __call__(self, x):
@@ -64,12 +64,14 @@ class MoE(nnx.Module):
     self.capacity_factor = float(e.capacity_factor)  # expert parallelism only; 0 = dropless
     self.dtype = dtype
     # The router runs in float32 whatever the compute dtype: top-k over near-ties is precision sensitive.
-    self.router = param(rngs, (h, e.num_experts), ("embed", "expert"), std=std, dtype=param_dtype)
+    # AdamW, not Muon, for the router (as DeepSeek-V3 / Moonlight train it).
+    self.router = param(rngs, (h, e.num_experts), ("embed", "expert"), std=std, dtype=param_dtype, inputs=None)
     self.router_bias = RouterBias(jnp.zeros((e.num_experts,), jnp.float32), logical_axes=("expert",))
     shape_in, shape_out = (e.num_experts, h, e.intermediate_size), (e.num_experts, e.intermediate_size, h)
-    self.wi_gate = param(rngs, shape_in, ("expert", "embed", "mlp"), std=std, dtype=param_dtype)
-    self.wi_up = param(rngs, shape_in, ("expert", "embed", "mlp"), std=std, dtype=param_dtype)
-    self.wo = param(rngs, shape_out, ("expert", "mlp", "embed"), std=std, dtype=param_dtype)
+    expert = dict(std=std, dtype=param_dtype, routed=True)
+    self.wi_gate = param(rngs, shape_in, ("expert", "embed", "mlp"), inputs=("embed",), **expert)
+    self.wi_up = param(rngs, shape_in, ("expert", "embed", "mlp"), inputs=("embed",), **expert)
+    self.wo = param(rngs, shape_out, ("expert", "mlp", "embed"), inputs=("mlp",), **expert)
     self.has_shared = bool(e.num_shared_experts)
     if self.has_shared:
       self.shared = MLP(h, e.intermediate_size * e.num_shared_experts, std=std, rngs=rngs, dtype=dtype,

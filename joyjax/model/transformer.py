@@ -14,9 +14,11 @@ Stacks are run with ``lax.scan`` (compile time independent of depth) under the c
 from __future__ import annotations
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
 from joyjax.axes import batch_axes, get_rules
@@ -25,21 +27,23 @@ from joyjax.model.attention import MLA
 from joyjax.model.layers import RMSNorm, dtype_of, param
 from joyjax.model.moe import MLP, MoE
 
-STACKS = ("dense_layers", "moe_layers", "mtp")
+MTP_STACK = "mtp"
+STACKS = ("dense_layers", "moe_layers", MTP_STACK)  # params stacked over a leading 'layers' axis
 
 
 class Embedding(nnx.Module):
 
   def __init__(self, cfg, *, rngs, param_dtype):
+    # A lookup table, not a matrix applied to inputs: AdamW, no weight decay (also when tied to the head).
     self.embedding = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), std=cfg.init_std,
-                           dtype=param_dtype)
+                           dtype=param_dtype, inputs=None, decay=False)
 
 
 class Head(nnx.Module):
 
   def __init__(self, cfg, *, rngs, param_dtype):
     self.kernel = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), std=cfg.init_std,
-                        dtype=param_dtype)
+                        dtype=param_dtype, inputs=None)  # the output head: AdamW (as Moonlight)
 
 
 class FinalNorm(nnx.Module):
@@ -80,7 +84,8 @@ class MTPLayer(nnx.Module):
     h = cfg.hidden_size
     self.enorm = RMSNorm(h, cfg.rms_norm_eps, "embed", param_dtype=param_dtype)
     self.hnorm = RMSNorm(h, cfg.rms_norm_eps, "embed", param_dtype=param_dtype)
-    self.eh_proj = param(rngs, (2 * h, h), ("mtp_in", "embed"), std=cfg.init_std, dtype=param_dtype)
+    self.eh_proj = param(rngs, (2 * h, h), ("mtp_in", "embed"), std=cfg.init_std, dtype=param_dtype,
+                         inputs=("mtp_in",))
     self.block = Block(cfg, moe=cfg.moe.num_experts > 0, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.final_norm = RMSNorm(h, cfg.rms_norm_eps, "embed", param_dtype=param_dtype)
     self.dtype = dtype
@@ -94,17 +99,17 @@ class MTPLayer(nnx.Module):
 # ------------------------------------------------------------------------------------------- structure
 
 
-def _model_cfg(cfg):
+def model_cfg(cfg):
   """Accepts the full config or its ``model`` group."""
   return cfg.model if "model" in cfg else cfg
 
 
 def _key(cfg) -> str:
-  return _model_cfg(cfg).to_json()
+  return model_cfg(cfg).to_json()
 
 
 def stack_sizes(cfg) -> dict[str, int]:
-  m = _model_cfg(cfg)
+  m = model_cfg(cfg)
   return {"dense_layers": m.first_k_dense, "moe_layers": m.num_layers - m.first_k_dense, "mtp": m.mtp.num_layers}
 
 
@@ -122,32 +127,35 @@ def _constructors(m):
   return ctors
 
 
-def _parts(m) -> dict:
+def parts(m) -> dict:
   sizes = stack_sizes(m)
   return {k: v for k, v in _constructors(m).items() if sizes.get(k, 1) > 0}
 
 
 @functools.lru_cache(maxsize=64)
 def _abstract(key: str, name: str):
-  import ml_collections
-  m = ml_collections.ConfigDict(__import__("json").loads(key))
-  module = nnx.eval_shape(lambda: _constructors(m)[name](nnx.Rngs(0)))
-  return module
+  m = ml_collections.ConfigDict(json.loads(key))
+  return nnx.eval_shape(lambda: _constructors(m)[name](nnx.Rngs(0)))
+
+
+def abstract_module(cfg, name: str) -> nnx.Module:
+  """The NNX module of part ``name`` (one layer of a stack) with abstract parameters (cached per config)."""
+  return _abstract(_key(cfg), name)
 
 
 def _merge(cfg, name: str, part: dict):
   """The NNX module ``name`` with its parameters replaced by the arrays in ``part``."""
-  graphdef, state = nnx.split(_abstract(_key(cfg), name))
+  graphdef, state = nnx.split(abstract_module(cfg, name))
   nnx.replace_by_pure_dict(state, part)
   return nnx.merge(graphdef, state)
 
 
 def init(cfg, key: jax.Array) -> dict:
   """Random parameters (a pure dict of arrays). Jit it with out_shardings to initialise already sharded."""
-  m = _model_cfg(cfg)
+  m = model_cfg(cfg)
   sizes = stack_sizes(m)
   params = {}
-  for i, (name, ctor) in enumerate(_parts(m).items()):
+  for i, (name, ctor) in enumerate(parts(m).items()):
     k = jax.random.fold_in(key, i)
 
     def make(k, ctor=ctor):
@@ -158,21 +166,6 @@ def init(cfg, key: jax.Array) -> dict:
     else:
       params[name] = make(k)
   return params
-
-
-def logical_axes(cfg) -> dict:
-  """Logical axis names of every parameter, the same tree as ``init``; stacks get a leading 'layers'."""
-  m = _model_cfg(cfg)
-  out = {}
-  for name in _parts(m):
-    state = nnx.state(_abstract(_key(m), name))
-    names = jax.tree.map(lambda v: tuple(v.get_metadata()["logical_axes"]), state,
-                         is_leaf=lambda x: isinstance(x, nnx.Variable))
-    names = nnx.to_pure_dict(names) if isinstance(names, nnx.State) else names
-    if name in STACKS:
-      names = jax.tree.map(lambda t: ("layers",) + t, names, is_leaf=lambda x: isinstance(x, tuple))
-    out[name] = names
-  return out
 
 
 def abstract_params(cfg) -> dict:
@@ -197,7 +190,7 @@ def _remat(fn, policy: str):
 
 def _run_stack(cfg, name, stacked, x, positions, segment_ids, cache, token_axes=None):
   """Applies the stacked blocks ``name`` in order. Returns (x, stacked aux, stacked new cache)."""
-  m = _model_cfg(cfg)
+  m = model_cfg(cfg)
 
   def body(x, layer):
     layer_params, layer_cache = layer
@@ -230,14 +223,14 @@ def _shift_left(tokens, k):
 
 
 def embed(cfg, params, tokens):
-  m = _model_cfg(cfg)
+  m = model_cfg(cfg)
   return jnp.take(params["embed"]["embedding"], tokens, axis=0).astype(dtype_of(m.dtype))
 
 
 def forward_hidden(cfg, params, tokens, *, positions=None, segment_ids=None, cache=None, with_mtp=False):
   """Tokens [b, s] -> final-normed hidden [b, s, embed] (compute dtype), the MTP hiddens (one per module,
   module k's position i predicting token i + k + 2 of ``tokens``), aux statistics and the new cache."""
-  m = _model_cfg(cfg)
+  m = model_cfg(cfg)
   token_axes = batch_axes(get_rules(cfg))  # expert parallelism splits tokens as the batch is split
   b, s = tokens.shape
   if positions is None:
@@ -270,7 +263,7 @@ def forward_hidden(cfg, params, tokens, *, positions=None, segment_ids=None, cac
 
 def head_weights(cfg, params) -> jax.Array:
   """[embed, vocab] output projection (the transposed embedding when tied)."""
-  m = _model_cfg(cfg)
+  m = model_cfg(cfg)
   return params["embed"]["embedding"].T if m.tie_embeddings else params["lm_head"]["kernel"]
 
 
@@ -296,7 +289,7 @@ def forward(cfg, params, tokens, *, positions=None, segment_ids=None, return_mtp
 
 def init_cache(cfg, batch: int, max_len: int, dtype=jnp.float32) -> dict:
   """The KV cache: MLA's compressed latent and shared rotary key per layer, not expanded keys/values."""
-  m = _model_cfg(cfg)
+  m = model_cfg(cfg)
   a = m.attention
   sizes = stack_sizes(m)
   cache = {"index": jnp.zeros((), jnp.int32)}

@@ -23,6 +23,7 @@ import re
 import socket
 
 import jax
+from jax.experimental import multihost_utils
 
 from joyjax.errors import ConfigError
 
@@ -172,7 +173,6 @@ def barrier(name: str, timeout_s: float = 3600.0) -> None:
   from jax._src import distributed as jax_distributed  # the coordination client; no public handle in jax 0.10
   client = jax_distributed.global_state.client
   if client is None:  # a runtime that does not go through jax.distributed (none in practice): a device sync
-    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
     return
   client.wait_at_barrier(f"joyjax:{name}", int(timeout_s * 1000))

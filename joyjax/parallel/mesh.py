@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 from joyjax.axes import MESH_AXES
@@ -96,7 +97,6 @@ def _device_array(shape: dict[str, int], devices: Sequence[Any]) -> np.ndarray:
   if platform == "cpu":
     # CPU devices have no topology: a plain reshape keeps devices of one process together (outer axes first).
     return np.asarray(ordered, dtype=object).reshape(dims)
-  from jax.experimental import mesh_utils
   ici = (1,) + dims[1:]
   granule = _granule_attr(devices)
   if shape["dcn_data"] > 1:

@@ -39,41 +39,34 @@ from typing import Any
 import jax
 import numpy as np
 
+from joyjax import model, optim
 from joyjax.axes import MESH_AXES, get_rules
 from joyjax.parallel.mesh import mesh_shape
 from joyjax.parallel.rules import param_specs, shard_shape, state_specs
+from joyjax.tree import path_names
 
 GIB = 1024 ** 3
-EXPERT_LEAVES = ("wi_gate", "wi_up", "wo")
-
-
-def _key(k) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
 
 
 def _itemsize(dtype) -> int:
   return np.dtype(dtype).itemsize
 
 
-def _group(path: tuple[str, ...]) -> str:
-  name = path[-1]
-  if name in EXPERT_LEAVES:
+def _group(info) -> str:
+  """The table row of a parameter, from what its layer declared (``model.param_info``), not its path."""
+  axes = [a for a in info.axes if a != "layers"]
+  if info.routed:
     return "routed experts"
-  if path[0] in ("embed", "lm_head"):
+  if "vocab" in axes:
     return "embedding + head"
-  if name in ("router", "router_bias"):
+  if info.frozen or (info.muon_inputs is None and "expert" in axes):
     return "routers"
-  if name == "scale":
+  if len(axes) < 2:
     return "norms"
-  if "attn" in path:
+  if {"heads", "q_lora", "kv_lora"} & set(axes):
     return "attention"
-  if "shared" in path:
-    return "shared experts"
-  if "mlp" in path:
-    return "dense MLP"
+  if "mlp" in axes:
+    return "dense MLP + shared experts"
   return "other (MTP projection)"
 
 
@@ -110,7 +103,6 @@ def _activations(cfg, sizes: dict, tokens: float, seqs: float, seq_len: int) -> 
 def plan(cfg, num_devices: int, *, device_memory_gib: float = 0, batch_size: int | None = None,
          seq_len: int | None = None) -> dict[str, Any]:
   """The per-device memory plan (bytes) of ``cfg`` on ``num_devices`` devices; see the module doc."""
-  from joyjax import model, optim
   sizes = mesh_shape(cfg, num_devices)
   rules = get_rules(cfg)
   abstract = model.abstract_params(cfg)
@@ -120,23 +112,23 @@ def plan(cfg, num_devices: int, *, device_memory_gib: float = 0, batch_size: int
 
   flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
   spec_leaves = jax.tree.leaves(pspecs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-  axes_leaves = jax.tree.leaves(model.logical_axes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+  info_leaves = jax.tree.leaves(model.param_info(cfg), is_leaf=model.is_info)
   groups: dict[str, int] = {}
   param_bytes = total_params = 0
   gathered: dict[str, float] = {}
-  for (path, leaf), spec, axes in zip(flat, spec_leaves, axes_leaves):
-    names = tuple(_key(k) for k in path)
+  for (path, leaf), spec, info in zip(flat, spec_leaves, info_leaves):
+    names, axes = path_names(path), info.axes
     shard = math.prod(shard_shape(leaf.shape, spec, sizes)) * _itemsize(leaf.dtype)
     param_bytes += shard
     total_params += math.prod(leaf.shape)
-    g = _group(names)
+    g = _group(info)
     groups[g] = groups.get(g, 0) + shard
     # one block's weights after the FSDP all-gather: still split over tensor, and over expert on the expert dim
-    if "layers" in axes and names[-1] != "router_bias":
+    if "layers" in axes and not info.frozen:
       keep = 1
       for dim_axes, name in zip((_spec_axes(spec[i]) if i < len(spec) else () for i in range(len(axes))), axes):
         keep *= math.prod(sizes[x] for x in dim_axes
-                          if x == "tensor" or (x == "expert" and name == "expert" and names[-1] in EXPERT_LEAVES))
+                          if x == "tensor" or (x == "expert" and name == "expert" and info.routed))
       n_stack = leaf.shape[axes.index("layers")]
       gathered[names[0]] = gathered.get(names[0], 0) + math.prod(leaf.shape) / n_stack / keep * cdtype
 

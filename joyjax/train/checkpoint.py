@@ -55,10 +55,17 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from joyjax.errors import CheckpointCorruptError, CheckpointError, CheckpointMismatchError
+from joyjax.tree import path_str
 
 log = logging.getLogger(__name__)
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+  """No (finished) checkpoint where one was asked for: a user error (one line at the CLI) that is still the
+  ``FileNotFoundError`` callers caught before."""
 
 COMMIT_MARKER = "commit_success.txt"  # orbax writes it into a step directory just before committing it
 TMP_MARKER = ".orbax-checkpoint-tmp"  # orbax's suffix of a directory being written
@@ -123,7 +130,6 @@ def _gather_processes(obj) -> list:
   """``[obj of process 0, obj of process 1, ...]`` for a JSON-able ``obj``; every process must call it."""
   if jax.process_count() == 1:
     return [obj]
-  from jax.experimental import multihost_utils
   blob = np.frombuffer(json.dumps(obj, allow_nan=True).encode("utf-8"), np.uint8)
   sizes = np.asarray(multihost_utils.process_allgather(np.int32(blob.size))).reshape(-1)
   padded = np.zeros(max(int(sizes.max()), 1), np.uint8)
@@ -141,17 +147,6 @@ def _json_item(obj, what: str):
   return obj
 
 
-def _key_name(k) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
-def _leaf_path(path) -> str:
-  return "/".join(_key_name(k) for k in path) or "<root>"
-
-
 def _stored_shape(leaf) -> tuple:
   """The shape of ``leaf`` as stored: PRNG key arrays are stored as their key data."""
   dtype = getattr(leaf, "dtype", None)
@@ -163,7 +158,7 @@ def _stored_shape(leaf) -> tuple:
 
 def _shapes_by_path(tree) -> dict[str, tuple]:
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {_leaf_path(p): _stored_shape(x) for p, x in leaves}
+  return {path_str(p): _stored_shape(x) for p, x in leaves}
 
 
 def check_tree(stored, wanted, *, where: str) -> None:
@@ -328,21 +323,21 @@ class Checkpointer:
 
     ``abstract_state``: the state's tree of ``jax.ShapeDtypeStruct`` (or arrays) whose ``.sharding`` says
     where each restored array goes; leaves without one are restored fully replicated. Raises
-    ``FileNotFoundError`` when there is no such finished checkpoint, ``CheckpointMismatchError`` when the trees
-    differ, ``CheckpointCorruptError`` when it cannot be read (see the module docstring; ``fallback=True``
-    tries older steps instead, with a warning).
+    ``CheckpointNotFoundError`` (a ``FileNotFoundError``) when there is no such finished checkpoint,
+    ``CheckpointMismatchError`` when the trees differ, ``CheckpointCorruptError`` when it cannot be read (see
+    the module docstring; ``fallback=True`` tries older steps instead, with a warning).
     """
     self._manager.wait_until_finished()
     steps = self.all_steps()
     if not steps:
-      raise FileNotFoundError(f"no finished checkpoint in {self.directory}")
+      raise CheckpointNotFoundError(f"no finished checkpoint in {self.directory}")
     if step is None:
       candidates = steps[::-1]
     else:
       step = int(step)
       if step not in steps:
-        raise FileNotFoundError(f"no finished checkpoint of step {step} in {self.directory}; finished steps: "
-                                f"{steps}")
+        raise CheckpointNotFoundError(f"no finished checkpoint of step {step} in {self.directory}; finished "
+                                      f"steps: {steps}")
       candidates = [s for s in steps[::-1] if s <= step]
     target = _as_abstract(abstract_state)
     for i, s in enumerate(candidates):
@@ -443,7 +438,8 @@ def load_params(path, abstract_params=None):
     tmp = [c.name for c in path.parent.iterdir() if c.name.startswith(path.name + TMP_MARKER)] \
         if path.parent.exists() else []
     hint = f" (an unfinished save left {tmp[0]} next to it: the save was interrupted)" if tmp else ""
-    raise FileNotFoundError(f"params checkpoint {path} does not exist{hint}")
+    raise CheckpointNotFoundError(f"params checkpoint {path} does not exist{hint}; give a directory written by "
+                                  "`joyjax convert --hf-dir` or a training run's checkpoints/<step>")
   item_dir, subkey = _resolve_params_dir(path)
   with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
     try:

@@ -5,12 +5,18 @@ weights do not recompile)."""
 from __future__ import annotations
 
 import functools
+import json
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from joyjax import model
+from joyjax.config import from_dict
+from joyjax.data.pipeline import build_tokenizer
+from joyjax.errors import CheckpointCorruptError
+from joyjax.train import checkpoint
 
 
 _COMPILED: dict = {}
@@ -85,19 +91,17 @@ def sample_from_checkpoint(run_dir, prompt: str, *, max_tokens: int = 64, temper
                            seed: int = 0) -> str:
   """Loads the latest checkpoint of a training run (its ``output_dir``, or its ``checkpoints/`` folder) with
   the config stored in it, rebuilds the run's tokenizer, and samples a continuation of ``prompt``."""
-  import os
-
-  from joyjax.config import from_dict
-  from joyjax.data.pipeline import build_tokenizer
-  from joyjax.train import checkpoint
-
   run_dir = os.fspath(run_dir)
   ckpt_root = run_dir[:-len("/checkpoints")] if run_dir.rstrip("/").endswith("checkpoints") else run_dir
+  if "://" not in run_dir and not os.path.isdir(os.path.join(ckpt_root or ".", "checkpoints")):
+    what = "does not exist" if not os.path.exists(run_dir) else "has no checkpoints/ folder"
+    raise checkpoint.CheckpointNotFoundError(f"{run_dir} {what}; give a training run's output_dir "
+                                             "(train.output_dir) or its checkpoints/ folder")
   ckpt = checkpoint.Checkpointer(ckpt_root.rstrip("/") or ".", keep=0, async_save=False)
   step = ckpt.latest_step()
   if step is None:
-    raise FileNotFoundError(f"no finished checkpoint under {ckpt.directory}; train first "
-                            "(joyjax train --config ...) or pass the run's output_dir")
+    raise checkpoint.CheckpointNotFoundError(f"no finished checkpoint under {ckpt.directory}; train first "
+                                             "(joyjax train --config ...) or pass the run's output_dir")
   cfg_dict = json_config(ckpt, step)
   cfg = from_dict(cfg_dict)
   params = checkpoint.load_params(ckpt.step_dir(step), model.abstract_params(cfg))
@@ -107,7 +111,6 @@ def sample_from_checkpoint(run_dir, prompt: str, *, max_tokens: int = 64, temper
 
 
 def json_config(ckpt, step: int) -> dict:
-  import json
   path = ckpt.step_dir(step) / "config"
   files = [f for f in path.iterdir() if f.is_file() and not f.name.startswith("_")] if path.exists() else []
   for f in files:
@@ -115,4 +118,5 @@ def json_config(ckpt, step: int) -> dict:
       return json.loads(f.read_text())
     except ValueError:
       continue
-  raise FileNotFoundError(f"checkpoint {ckpt.step_dir(step)} holds no config")
+  raise CheckpointCorruptError(f"checkpoint {ckpt.step_dir(step)} holds no readable config (its config/ item is "
+                               "missing or not JSON)")

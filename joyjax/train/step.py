@@ -5,7 +5,8 @@ so memory is that of one micro-batch); each micro-batch's loss is normalised by 
 counts (``losses.lm.denominators``), so k micro-batches give the large batch's gradient.
 
 After the update, the aux-loss-free router biases move by ``train.router_bias_rate`` towards balance:
-b_i += gamma * sign(mean_j c_j - c_i) per MoE layer (DeepSeek-V3), from the step's per-expert token counts.
+b_i += gamma * sign(mean_j c_j - c_i) per MoE layer (DeepSeek-V3, ``model.update_router_biases``), from the
+step's per-expert token counts.
 They are params the optimizer leaves alone (label 'frozen').
 
 A step whose loss or gradient norm is not finite changes nothing but ``step``, ``nonfinite`` (the run of
@@ -18,10 +19,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from joyjax import optim
+from joyjax import model, optim
+from joyjax.batch import LM_KEYS
 from joyjax.losses import lm
-
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 
 def _split_micro(batch, k: int):
@@ -30,31 +30,6 @@ def _split_micro(batch, k: int):
       raise ValueError(f"batch of {x.shape[0]} sequences does not split into train.grad_accum={k} micro-batches")
     return x.reshape(k, x.shape[0] // k, *x.shape[1:])
   return jax.tree.map(one, batch)
-
-
-def update_router_bias(bias, counts, rate: float):
-  """bias [..., E] += rate * sign(mean(counts) - counts) over the expert axis (float32)."""
-  mean = jnp.mean(counts, axis=-1, keepdims=True)
-  return (bias.astype(jnp.float32) + rate * jnp.sign(mean - counts)).astype(bias.dtype)
-
-
-def _apply_bias_updates(params, stats, rate: float):
-  params = dict(params)
-  if "moe_layers" in params and stats["expert_counts"].size:
-    moe = dict(params["moe_layers"])
-    mlp = dict(moe["mlp"])
-    mlp["router_bias"] = update_router_bias(mlp["router_bias"], stats["expert_counts"], rate)
-    moe["mlp"] = mlp
-    params["moe_layers"] = moe
-  if "mtp_expert_counts" in stats and "mtp" in params:
-    mtp = dict(params["mtp"])
-    block = dict(mtp["block"])
-    mlp = dict(block["mlp"])
-    mlp["router_bias"] = update_router_bias(mlp["router_bias"], stats["mtp_expert_counts"], rate)
-    block["mlp"] = mlp
-    mtp["block"] = block
-    params["mtp"] = mtp
-  return params
 
 
 def make_train_step(cfg, tx: optax.GradientTransformation, total_steps: int | None = None):
@@ -69,7 +44,7 @@ def make_train_step(cfg, tx: optax.GradientTransformation, total_steps: int | No
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def train_step(state, batch):
-    batch = {key: batch[key] for key in BATCH_KEYS}
+    batch = {key: batch[key] for key in LM_KEYS}
     denom = lm.denominators(cfg, batch)
     params = state["params"]
     if k == 1:
@@ -87,7 +62,7 @@ def make_train_step(cfg, tx: optax.GradientTransformation, total_steps: int | No
     updates, new_opt = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
     if t.router_bias_rate > 0:
-      new_params = _apply_bias_updates(new_params, stats, float(t.router_bias_rate))
+      new_params = model.update_router_biases(cfg, new_params, stats["expert_counts"], float(t.router_bias_rate))
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = {
         "step": state["step"] + 1,
@@ -110,7 +85,7 @@ def make_train_step(cfg, tx: optax.GradientTransformation, total_steps: int | No
         "finite": finite,
         "nonfinite": new_state["nonfinite"],
         "skipped": new_state["skipped"],
-        "expert_counts": stats["expert_counts"],
+        "expert_counts": stats["layer_counts"],
         **{f"lr/{name}": v for name, v in optim.learning_rates(cfg, state["step"], total).items()},
     }
     for d in range(denom["mtp_tokens"].shape[0]):

@@ -1,0 +1,165 @@
+"""The import architecture (ARCHITECTURE.md): joyjax's packages import only downwards, never in a cycle, and
+nothing imports inside a function except optional dependencies. Read from the source with ``ast``, so a
+violation fails here before it becomes a circular-import error somewhere else."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1] / "joyjax"
+
+# Layers, lowest first. A module may import joyjax modules of a lower layer, and modules of its own package
+# (e.g. model/moe.py -> model/layers.py); never a higher layer or another package of the same layer.
+LAYERS = (
+    ("errors", "tree", "batch", "axes"),   # names and error types: import nothing of joyjax
+    ("config",),                           # the schema and its validation
+    ("kernels",),                          # MoE compute: knows nothing of the model
+    ("model",),                            # the pure-functional model, its parameter layout, expert parallelism
+    ("losses", "optim", "data"),           # objectives, optimizers, input pipelines
+    ("parallel", "convert"),               # meshes / shardings / memory plan; checkpoint conversion
+    ("train",),                            # state, steps, the harness, checkpoints, metrics, sampling
+    ("cli",),                              # the `joyjax` command
+)
+LAYER_OF = {pkg: i for i, pkgs in enumerate(LAYERS) for pkg in pkgs}
+
+# What may be imported inside a function: optional dependencies that only some runs need (TensorBoard,
+# Parquet, ArrayRecord, remote file systems, Triton, older-jax fallbacks and private jax handles).
+LAZY_ALLOWED = ("tensorboardX", "pyarrow", "grain.sources", "etils", "absl", "jax.experimental.pallas",
+                "jax.experimental.shard_map", "jax._src")
+
+
+def _modules() -> dict[str, pathlib.Path]:
+  out = {}
+  for path in sorted(ROOT.rglob("*.py")):
+    rel = path.relative_to(ROOT.parent).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    out[".".join(parts)] = path
+  return out
+
+
+MODULES = _modules()
+
+
+def _package(module: str) -> str:
+  """joyjax.model.moe -> 'model'; joyjax.config -> 'config'; joyjax -> ''."""
+  parts = module.split(".")
+  return parts[1] if len(parts) > 1 else ""
+
+
+def _resolve(name: str) -> str | None:
+  """The joyjax module an import names (the longest known prefix), or None for a third-party import."""
+  if name != "joyjax" and not name.startswith("joyjax."):
+    return None
+  parts = name.split(".")
+  while parts:
+    candidate = ".".join(parts)
+    if candidate in MODULES:
+      return candidate
+    parts.pop()
+  return None
+
+
+def _imports(tree: ast.AST):
+  """(imported name, line, inside a function?) for every import statement in ``tree``."""
+  out = []
+
+  def visit(node, in_function):
+    for child in ast.iter_child_nodes(node):
+      nested = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+      if isinstance(child, ast.Import):
+        out.extend((a.name, child.lineno, in_function) for a in child.names)
+      elif isinstance(child, ast.ImportFrom) and child.level == 0 and child.module:
+        # `from joyjax import model` imports the module joyjax.model; `from jax import numpy` stays 'jax'
+        for a in child.names:
+          full = f"{child.module}.{a.name}"
+          out.append((full if _resolve(full) == full else child.module, child.lineno, in_function))
+      visit(child, nested)
+
+  visit(tree, False)
+  return out
+
+
+def _graph():
+  graph, lazy = {}, []
+  for module, path in MODULES.items():
+    edges = set()
+    for name, line, in_function in _imports(ast.parse(path.read_text(), str(path))):
+      target = _resolve(name)
+      if in_function and not any(name == p or name.startswith(p + ".") for p in LAZY_ALLOWED):
+        lazy.append(f"{path.relative_to(ROOT.parent)}:{line} imports {name} inside a function")
+      if target and target != module and not in_function:
+        edges.add((target, line))
+    graph[module] = edges
+  return graph, lazy
+
+
+GRAPH, LAZY = _graph()
+
+
+def test_every_package_has_a_layer():
+  packages = {_package(m) for m in MODULES} - {""}
+  assert packages <= set(LAYER_OF), f"add {sorted(packages - set(LAYER_OF))} to LAYERS (and ARCHITECTURE.md)"
+
+
+def test_imports_only_go_down():
+  bad = []
+  for module, edges in GRAPH.items():
+    src = _package(module)
+    if not src or module.endswith(".__main__"):  # `python -m joyjax.train`: an entry point, above everything
+      continue
+    for target, line in edges:
+      dst = _package(target)
+      if not dst or dst == src:
+        continue
+      if LAYER_OF[dst] >= LAYER_OF[src]:
+        bad.append(f"{MODULES[module].relative_to(ROOT.parent)}:{line}: {module} (layer {LAYER_OF[src]}) imports "
+                   f"{target} (layer {LAYER_OF[dst]})")
+  assert not bad, "upward or sideways imports:\n" + "\n".join(bad)
+
+
+def test_no_import_cycles():
+  state: dict[str, int] = {}
+  stack: list[str] = []
+
+  def dfs(m):
+    state[m] = 1
+    stack.append(m)
+    for target, _ in sorted(GRAPH.get(m, ())):
+      if state.get(target) == 1:
+        cycle = stack[stack.index(target):] + [target]
+        pytest.fail("import cycle: " + " -> ".join(cycle))
+      if state.get(target) is None:
+        dfs(target)
+    stack.pop()
+    state[m] = 2
+
+  for m in sorted(GRAPH):
+    if m not in state:
+      dfs(m)
+
+
+def test_no_imports_inside_functions():
+  assert not LAZY, "imports inside functions (move them to the module top, or add an optional dependency to " \
+                   "LAZY_ALLOWED):\n" + "\n".join(LAZY)
+
+
+def test_the_bottom_layer_imports_nothing_of_joyjax_and_config_only_it():
+  for module, edges in GRAPH.items():
+    pkg = _package(module)
+    if pkg in LAYERS[0]:
+      assert not edges, f"{module} must import nothing of joyjax, imports {sorted(t for t, _ in edges)}"
+    if pkg == "config":
+      assert {_package(t) for t, _ in edges} <= set(LAYERS[0]), f"config imports {sorted(edges)}"
+
+
+def test_the_checker_sees_violations():
+  """The checks above are only as good as the parser: it must see each kind of import it judges."""
+  src = ("import joyjax.train.loop\nfrom joyjax import model\nfrom joyjax.model import moe\n"
+         "from jax import numpy\ndef f():\n  from joyjax.train import step\n  import tensorboardX\n")
+  got = [(n, f) for n, _, f in _imports(ast.parse(src))]
+  assert got == [("joyjax.train.loop", False), ("joyjax.model", False), ("joyjax.model.moe", False),
+                 ("jax", False), ("joyjax.train.step", True), ("tensorboardX", True)]
+  assert _resolve("joyjax.model.moe.MoE") == "joyjax.model.moe"
