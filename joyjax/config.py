@@ -23,6 +23,9 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION_IMPLS = ("xla", "blockwise")
 MOE_IMPLS = ("auto", "reference", "ragged_dot", "pallas", "pallas_interpret")
 DTYPES = ("float32", "bfloat16", "float16")
+OPTIMIZERS = ("adamw", "muon")
+SCHEDULES = ("constant", "cosine", "wsd")
+DATA_FORMATS = ("auto", "jsonl", "parquet", "text", "arrayrecord")  # auto: by file extension
 
 
 def _all_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -196,12 +199,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 
   d = cfg.data
   _require(d.seq_len > 1, "data.seq_len", f"must be > 1, got {d.seq_len}")
-  _require(d.format in ("auto", "jsonl", "parquet", "text", "arrayrecord"), "data.format",
-           f"must be auto | jsonl | parquet | text | arrayrecord, got {d.format!r}")
+  _require(d.format in DATA_FORMATS, "data.format", f"must be one of {DATA_FORMATS}, got {d.format!r}")
   o = cfg.optim
-  _require(o.name in ("adamw", "muon"), "optim.name", f"must be 'adamw' or 'muon', got {o.name!r}")
-  _require(o.schedule in ("constant", "cosine", "wsd"), "optim.schedule",
-           f"must be constant | cosine | wsd, got {o.schedule!r}")
+  _require(o.name in OPTIMIZERS, "optim.name", f"must be {' or '.join(map(repr, OPTIMIZERS))}, got {o.name!r}")
+  _require(o.schedule in SCHEDULES, "optim.schedule", f"must be one of {SCHEDULES}, got {o.schedule!r}")
   _require(o.lr > 0, "optim.lr", "must be positive")
   _require(0.0 <= o.decay_fraction <= 1.0, "optim.decay_fraction", "must be in [0, 1]")
   _require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables)")

@@ -54,12 +54,13 @@ from optax.contrib import MuonDimensionNumbers, scale_by_muon
 from optax.contrib._muon import scale_by_shape
 
 from joyjax import model
+from joyjax.config import OPTIMIZERS, SCHEDULES
 from joyjax.tree import path_names, path_str
 
 LABELS = ("muon", "adam", "adam_no_decay", "frozen")
 
 # Muon's batch axes: every layer of a stack and every routed expert is orthogonalised on its own.
-BATCH_AXES = ("layers", "expert")
+MUON_BATCH_AXES = ("layers", "expert")
 
 
 # --------------------------------------------------------------------------------------------- schedules
@@ -83,8 +84,8 @@ def make_schedule(optim_cfg, total_steps: int, peak: float | None = None) -> opt
   total = int(total_steps)
   if total <= 0:
     raise ValueError(f"make_schedule: total_steps must be positive, got {total_steps}")
-  if o.schedule not in ("constant", "cosine", "wsd"):
-    raise ValueError(f"optim.schedule must be constant | cosine | wsd, got {o.schedule!r}")
+  if o.schedule not in SCHEDULES:
+    raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {o.schedule!r}")
   warmup = int(o.warmup_steps)
   final = float(o.min_lr_ratio) * peak
   decay_steps = int(round(float(o.decay_fraction) * total))
@@ -168,7 +169,7 @@ def _dim_numbers(path, info) -> MuonDimensionNumbers:
   if missing:
     raise ValueError(f"optim: Muon input axes {inputs} of {path_str(path)!r} not all in its axes {axes}")
   reduction = tuple(i for i, a in enumerate(axes) if a in inputs)
-  output = tuple(i for i, a in enumerate(axes) if a not in inputs and a not in BATCH_AXES)
+  output = tuple(i for i, a in enumerate(axes) if a not in inputs and a not in MUON_BATCH_AXES)
   if not output:
     raise ValueError(f"optim: {path_str(path)!r} with axes {axes} has no output axis for Muon")
   return MuonDimensionNumbers(reduction_axis=reduction, output_axis=output)
@@ -241,7 +242,7 @@ def make_optimizer(cfg, params_or_abstract=None, total_steps: int | None = None)
         "frozen": optax.set_to_zero(),
     }
   else:
-    raise ValueError(f"optim.name must be 'adamw' or 'muon', got {o.name!r}")
+    raise ValueError(f"optim.name must be one of {OPTIMIZERS}, got {o.name!r}")
 
   transforms = {k: v for k, v in transforms.items() if k in set(jax.tree.leaves(group_labels))}
   tx = optax.multi_transform(transforms, group_labels)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from conftest import tiny_config
 from joyjax import model
-from joyjax.config import load_config
 from joyjax.model import expert_parallel as ep_lib
 
 T, H, F, E, K = 32, 8, 16, 8, 2
@@ -183,7 +183,7 @@ def tiny_params(cfg):
 def test_tiny_model_under_expert_mesh_matches_single_device(monkeypatch):
   """(e) The tiny model's logits under data=2 x expert=4 (EP path taken: all_to_all in the lowered program)
   equal the unsharded forward."""
-  cfg = load_config("configs/tiny.py")
+  cfg = tiny_config()
   params = tiny_params(cfg)
   tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (8, 16)).astype(np.int32)
   fwd = lambda p, t: model.forward(cfg, p, t, return_aux=True)
@@ -212,4 +212,30 @@ def test_tiny_model_under_expert_mesh_matches_single_device(monkeypatch):
   assert calls and "all_to_all" in lowered.as_text()
   dropped = np.asarray(aux["moe_layers"]["dropped_tokens"])
   assert dropped.shape == (cfg.model.num_layers - cfg.model.first_k_dense,) and np.all(dropped == 0)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)
+
+
+def test_mesh_rules_batch_override_reaches_expert_parallelism(monkeypatch):
+  """A ``mesh.rules`` override of ``batch`` decides which mesh axes the MoE splits tokens over (it used to be a
+  second, hard-coded copy of the default rule): with ``batch=data`` tokens are split over 'data' only (each
+  expert shard sees its data shard's tokens, replicated over 'expert'), and the logits are unchanged."""
+  mesh = auto_mesh()
+  assert ep_lib.token_axes_of(mesh) == ("data", "expert")
+  assert ep_lib.token_axes_of(mesh, ("data",)) == ("data",)
+  assert ep_lib.token_axes_of(mesh, ("fsdp", "data")) == ("data",)  # size-1 / absent axes drop out
+
+  cfg = tiny_config("--config.mesh.rules=batch=data")
+  params = tiny_params(cfg)
+  tokens = np.random.default_rng(1).integers(0, cfg.model.vocab_size, (8, 16)).astype(np.int32)
+  fwd = lambda p, t: model.forward(cfg, p, t)
+  want = jax.jit(fwd)(params, tokens)
+
+  seen = []
+  real = ep_lib.expert_parallel_experts
+  monkeypatch.setattr(ep_lib, "expert_parallel_experts",
+                      lambda *a, **k: seen.append(k["token_axes"]) or real(*a, **k))
+  toks = jax.device_put(tokens, NamedSharding(mesh, P("data")))
+  with jax.set_mesh(mesh):
+    got = jax.jit(fwd)(params, toks)
+  assert seen and set(seen) == {("data",)}
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-5)

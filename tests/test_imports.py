@@ -163,3 +163,75 @@ def test_the_checker_sees_violations():
   assert got == [("joyjax.train.loop", False), ("joyjax.model", False), ("joyjax.model.moe", False),
                  ("jax", False), ("joyjax.train.step", True), ("tensorboardX", True)]
   assert _resolve("joyjax.model.moe.MoE") == "joyjax.model.moe"
+
+
+# ------------------------------------------------------------------------------------------ one home per name
+
+# Names that had several copies before they got one home; none may come back (the home is in the comment).
+RETIRED = (
+    "BATCH_KEYS", "EXAMPLE_KEYS",          # joyjax.batch.LM_KEYS
+    "EXPERT_LEAVES", "REMAT_SAVES_ALL",    # model.param_info(...).routed; config.REMAT_POLICIES
+    "BATCH_AXES", "FSDP_AXES",             # joyjax.axes (the 'batch' rule)
+    "_key_name", "_path_str", "_leaf_path",  # joyjax.tree
+    "dtype_of",                            # joyjax.model.layers (the only definition allowed)
+)
+# Implementations of one interface, one per backend / entry point: the same name by design.
+SAME_NAME_BY_DESIGN = {"__all__", "log", "_log", "main", "gmm", "tgmm", "available"}
+
+
+def _top_level_names(tree: ast.Module):
+  for node in tree.body:
+    if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+      yield node.name, node.lineno
+    elif isinstance(node, ast.Assign):
+      yield from ((t.id, node.lineno) for t in node.targets if isinstance(t, ast.Name))
+    elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+      yield node.target.id, node.lineno
+
+
+def _definitions():
+  names, tuples = {}, {}
+  for module, path in MODULES.items():
+    tree = ast.parse(path.read_text(), str(path))
+    for name, line in _top_level_names(tree):
+      names.setdefault(name, []).append(f"{module}:{line}")
+    for node in ast.walk(tree):  # string tuples: a copied list of names under another variable name
+      if isinstance(node, ast.Tuple) and len(node.elts) >= 3 and all(
+          isinstance(e, ast.Constant) and isinstance(e.value, str) for e in node.elts):
+        tuples.setdefault(tuple(e.value for e in node.elts), set()).add(module)
+  return names, tuples
+
+
+NAMES, TUPLES = _definitions()
+
+
+def test_each_shared_name_is_defined_once():
+  dup = {n: where for n, where in NAMES.items() if len(where) > 1 and n not in SAME_NAME_BY_DESIGN}
+  assert not dup, "defined in several modules (give each one home and import it):\n" + "\n".join(
+      f"{n}: {', '.join(w)}" for n, w in sorted(dup.items()))
+
+
+def test_no_list_of_names_is_copied():
+  dup = {t: sorted(m) for t, m in TUPLES.items() if len(m) > 1}
+  assert not dup, "the same tuple of names written in several modules:\n" + "\n".join(
+      f"{t}: {m}" for t, m in dup.items())
+
+
+def test_retired_copies_are_gone():
+  found = [f"{n}: {w}" for n in RETIRED for w in NAMES.get(n, [])
+           if not (n == "dtype_of" and w.startswith("joyjax.model.layers:"))]
+  assert not found, "\n".join(found)
+
+
+def test_config_defaults_are_not_restated():
+  """Config values are read as cfg.key, never cfg.get('key', default): the default lives in configs/base.py
+  only (a restated default silently diverges when the base changes)."""
+  bad = []
+  for module, path in MODULES.items():
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+      if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
+          and len(node.args) == 2 and isinstance(node.args[0], ast.Constant)):
+        owner = ast.unparse(node.func.value)
+        if owner in ("cfg", "m", "e", "a", "t", "o", "d", "p", "r") or owner.startswith(("cfg.", "m.")):
+          bad.append(f"{module}:{node.lineno}: {ast.unparse(node)}")
+  assert not bad, "\n".join(bad)

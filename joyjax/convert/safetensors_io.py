@@ -17,12 +17,12 @@ import numpy as np
 
 from joyjax.errors import CheckpointFormatError
 
-DTYPES = {
+SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
-NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
+NAMES = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
 
 
 def _read_header(path: str) -> tuple[dict, int]:
@@ -83,9 +83,9 @@ class SafetensorsReader:
   def get(self, name: str) -> np.ndarray:
     """The tensor as a numpy array backed by a memory map (no copy until used)."""
     path, info, start = self._where[name]
-    if info["dtype"] not in DTYPES:
+    if info["dtype"] not in SAFETENSORS_DTYPES:
       raise CheckpointFormatError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-    dtype = np.dtype(DTYPES[info["dtype"]])
+    dtype = np.dtype(SAFETENSORS_DTYPES[info["dtype"]])
     begin, end = info["data_offsets"]
     count = (end - begin) // dtype.itemsize
     arr = np.memmap(path, dtype=dtype, mode="r", offset=start + begin, shape=(count,))

@@ -37,9 +37,10 @@ from typing import Sequence
 
 import numpy as np
 
+from joyjax.config import DATA_FORMATS
 from joyjax.errors import DataError
 
-FORMATS = ("jsonl", "parquet", "text", "arrayrecord")
+FORMATS = DATA_FORMATS[1:]  # data.format values that name a reader (the first, "auto", picks by extension)
 _FIX = "fix or remove the row, or set data.skip_malformed=True to skip and count such rows"
 _COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zstd", ".lz4", ".zip")
 
@@ -130,7 +131,9 @@ def expand_paths(spec: str, fmt: str = "auto") -> list[tuple[str, str]]:
   for part in parts:
     files, found = _expand_one(part)
     if not files:
-      raise DataError(f"data.path entry {part!r} matches no file")
+      where = "" if _is_remote(part) or os.path.isabs(_local(part)) else f" (relative to {os.getcwd()})"
+      raise DataError(f"data.path entry {part!r} matches no file{where}; set --config.data.path to files, "
+                      "directories or globs, comma separated ('' = the embedded corpus)")
     kept = 0
     for f in files:
       kind = fmt if fmt != "auto" else detect_format(f)

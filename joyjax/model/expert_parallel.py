@@ -102,7 +102,7 @@ def expert_axis_size(mesh) -> int:
   return int(dict(mesh.shape)[EXPERT_AXIS])
 
 
-def batch_axes(mesh, token_axes: tuple[str, ...] | None = None) -> tuple[str, ...]:
+def token_axes_of(mesh, token_axes: tuple[str, ...] | None = None) -> tuple[str, ...]:
   """The mesh axes tokens are sharded over inside the MoE: ``token_axes`` (the ``batch`` rule of the config's
   ``mesh.rules``; the default rule when None) that the mesh has with size > 1, in rule order."""
   sizes = dict(mesh.shape)
@@ -148,7 +148,7 @@ def expert_parallel_experts(flat, weights, ids, wi_gate, wi_up, wo, *, mesh, num
   in_spec = jax.typeof(flat).sharding.spec if explicit else None
   t, h = flat.shape
   k = ids.shape[-1]
-  axes = batch_axes(mesh, token_axes)
+  axes = token_axes_of(mesh, token_axes)
   shards = math.prod(dict(mesh.shape)[a] for a in axes)
   pad = -t % shards
   if pad:  # e.g. decode with one token: padded rows are marked invalid and never leave their shard

@@ -41,9 +41,10 @@ def is_info(x) -> bool:
 def _info(v: nnx.Variable, stacked: bool) -> ParamInfo:
   md = v.get_metadata()
   axes = tuple(md["logical_axes"])
-  return ParamInfo(axes=("layers",) + axes if stacked else axes, muon_inputs=md.get("muon_inputs"),
-                   decay=bool(md.get("decay", False)), routed=bool(md.get("routed", False)),
-                   frozen=isinstance(v, RouterBias))
+  axes = ("layers",) + axes if stacked else axes
+  if isinstance(v, RouterBias):  # a statistic: no optimizer, no decay
+    return ParamInfo(axes=axes, muon_inputs=None, decay=False, routed=False, frozen=True)
+  return ParamInfo(axes=axes, muon_inputs=md["muon_inputs"], decay=md["decay"], routed=md["routed"], frozen=False)
 
 
 def param_info(cfg) -> dict:

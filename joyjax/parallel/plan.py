@@ -40,7 +40,7 @@ import jax
 import numpy as np
 
 from joyjax import model, optim
-from joyjax.axes import MESH_AXES, get_rules
+from joyjax.axes import MESH_AXES, batch_axes, get_rules
 from joyjax.parallel.mesh import mesh_shape
 from joyjax.parallel.rules import param_specs, shard_shape, state_specs
 from joyjax.tree import path_names
@@ -84,7 +84,7 @@ def _activations(cfg, sizes: dict, tokens: float, seqs: float, seq_len: int) -> 
   attn = tokens * b * ((a.q_lora_rank + a.kv_lora_rank + a.qk_rope_head_dim)
                        + heads * (2 * qk + 2 * a.v_head_dim))
   scores = 2 * seqs * heads * seq_len * seq_len * 4
-  if m.get("attention_impl", "xla") == "blockwise":
+  if m.attention_impl == "blockwise":
     blk = min(m.attention_block, seq_len)
     scores = seqs * heads * (2 * blk * blk + seq_len) * 4
   dense = tokens * b * 3 * m.dense_intermediate_size / tp
@@ -144,7 +144,7 @@ def plan(cfg, num_devices: int, *, device_memory_gib: float = 0, batch_size: int
 
   batch_size = cfg.train.batch_size if batch_size is None else int(batch_size)
   seq_len = cfg.data.seq_len if seq_len is None else int(seq_len)
-  dp = math.prod(sizes[a] for a in dict(rules).get("batch", ()))
+  dp = math.prod(sizes[a] for a in batch_axes(rules))
   micro = batch_size / cfg.train.grad_accum
   seqs = micro / dp
   warnings = []
