@@ -86,6 +86,10 @@ def get_config() -> ml_collections.ConfigDict:
   d.add_eos = True
   d.num_epochs = 0                 # 0 = repeat forever
   d.worker_count = 0               # grain worker processes (0 = in-process)
+  d.eval_path = ""                 # evaluation documents: file path(s) / glob(s) as data.path ("" = none)
+  # Fraction of the training corpus's documents held out for evaluation and never trained on (0 = none): the
+  # same documents in every run (chosen by a hash of the document index). Not together with data.eval_path.
+  d.eval_fraction = 0.0
 
   # ---------------------------------------------------------------- optimizer
   o = c.optim = ml_collections.ConfigDict()
@@ -117,6 +121,8 @@ def get_config() -> ml_collections.ConfigDict:
   tr.loss_chunk = 1024             # tokens per chunk of the cross-entropy (full logits never materialise)
   tr.max_nonfinite = 10            # stop after this many consecutive skipped (non-finite) steps
   tr.log_every = 10
+  tr.eval_every = 0                # evaluate every N steps and at the end (0 = never; needs data.eval_*)
+  tr.eval_batches = 4              # batches per evaluation: the same batches every time
   tr.output_dir = "runs/default"   # checkpoints, metrics.jsonl and TensorBoard events
   tr.init_from = ""                # params-only checkpoint (e.g. from `joyjax convert`) to start from
   tr.sample_prompt = "def "        # prompt sampled at the end of training ("" skips)

@@ -33,6 +33,9 @@ def get_config():
   c.train.steps = 300
   c.train.batch_size = 8
   c.train.log_every = 10
+  c.data.eval_fraction = 0.02      # ~6 of the embedded corpus's documents, never trained on
+  c.train.eval_every = 100
+  c.train.eval_batches = 4
   c.train.output_dir = "runs/tiny"
   c.checkpoint.every = 100
   c.optim.lr = 0.02

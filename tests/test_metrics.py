@@ -256,3 +256,54 @@ def test_peak_flops_per_device():
   assert flops.peak_flops_per_device("cpu", "float32") is None
   assert flops.peak_flops_per_device(None) is None
   assert flops.peak_flops_per_device("cpu", peak_tflops=123.0) == pytest.approx(123e12)  # the config override
+
+
+# ------------------------------------------------------------------------------------------ throughput
+
+
+def test_throughput_windows_mfu_steady_rate_and_eta_by_hand():
+  clock = _Clock()  # t = 1000
+  tp = metrics.Throughput(1024, devices=4, flops_per_token=2e9, peak_flops=1e12, clock=clock)
+  assert tp.window() == {} and tp.steady_tokens_per_sec() == 0.0 and tp.eta_seconds(10) is None
+  clock.t = 1030.0
+  tp.step_done()              # step 1 ends at 1030 (compilation): rates count from here
+  assert tp.window() == {}    # no step finished inside a window yet
+  clock.t = 1032.0
+  tp.step_done()              # step 2: 2 s
+  clock.t = 1036.0
+  tp.step_done()              # step 3: 4 s
+  w = tp.window()             # 2 steps x 1024 tokens in 6 s
+  assert w["tokens_per_sec"] == pytest.approx(2048 / 6)
+  assert w["step_time"] == pytest.approx(3.0)
+  # 341.33 tokens/s over 4 devices = 85.33 per device x 2e9 FLOPs = 1.7067e11 of 1e12 per device
+  assert w["mfu"] == pytest.approx(2048 / 6 / 4 * 2e9 / 1e12)
+  clock.t = 1037.0
+  tp.step_done()              # step 4: 1 s
+  clock.t = 1047.0
+  tp.exclude(8.0)             # 8 of the next 10 s went to an evaluation
+  tp.step_done()              # step 5: 2 s of its own
+  w = tp.window()             # 2 steps in 1047 - (1036 + 8) = 3 s
+  assert w["tokens_per_sec"] == pytest.approx(2048 / 3) and w["step_time"] == pytest.approx(1.5)
+  assert tp.steps == 5 and tp.tokens == 5 * 1024
+  # steady: the 4 steps after the first over 1047 - (1030 + 8) = 9 s; ETA at that pace: 9 / 4 s per step
+  assert tp.steady_tokens_per_sec() == pytest.approx(4 * 1024 / 9)
+  assert tp.eta_seconds(100) == pytest.approx(100 * 9 / 4)
+  assert tp.eta_seconds(100, step_time=0.5) == 50.0 and tp.eta_seconds(-3, step_time=0.5) == 0.0
+
+
+def test_throughput_without_a_peak_has_no_mfu():
+  clock = _Clock()
+  tp = metrics.Throughput(100, flops_per_token={"total": 1e9}, peak_flops=None, clock=clock)
+  tp.step_done()
+  clock.t += 0.5
+  tp.step_done()
+  assert tp.window() == {"tokens_per_sec": 200.0, "step_time": 0.5}
+
+
+def test_writer_line_shows_expert_load_and_eval(tmp_path):
+  w = MetricsWriter(tmp_path, total_steps=300, stream=io.StringIO(), tensorboard=False)
+  line = w.format_line(100, {"loss": 5.0, "tokens_per_sec": 3000.0, "expert_load/max_mean_ratio": 1.234,
+                             "eval/loss": 4.5, "eval/perplexity": math.exp(4.5)})
+  assert line == "step 100/300 loss 5.000 tok/s 3000 load 1.23 eval loss 4.500 ppl 90.0 eta ?"
+  assert w.format_line(1, {"loss": 5.0, "expert_load/max": 7.0}) == "step 1/300 loss 5.000 eta ?"
+  w.close()

@@ -27,6 +27,14 @@ Iterator state (``DataIterator.get_state()``), a JSON-able dict; save it with th
 A restored iterator yields exactly the batches the uninterrupted one would have: the document order is a
 pure function of (data, seed, process slice) and the packer rebuilds its one partial document from
 the saved index and offset.
+
+Evaluation data (``make_eval_dataset``): the documents of ``data.eval_path``, or the ``data.eval_fraction``
+of the training corpus's documents held out by ``HeldOut`` (document i is held out when a 64-bit hash of i
+falls below the fraction: a pure function of the index, so the split is the same in every run, process and
+resume, whatever ``data.seed``). Training reads a held-out document as ``None`` (dropped like a blank row),
+so it never sees one and every other document keeps its place in the order. The eval set is read in index
+order, unshuffled, split over processes as training is, packed and batched like training: every fresh
+iterator yields the same batches.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from joyjax.config import ConfigError
+from joyjax.errors import ConfigError
 from joyjax.data import corpus as _corpus
 from joyjax.data import packing
 from joyjax.data.sources import DataError, DocumentSource, files_fingerprint, open_source
@@ -140,6 +148,114 @@ def _check_specials(config, tokenizer: Tokenizer) -> None:
                         f"set data.{key}=False or use a tokenizer that defines one")
 
 
+def _mix64(x: np.ndarray) -> np.ndarray:
+  """splitmix64's finaliser: a fixed, well-mixed 64-bit hash of each (non-negative) integer in ``x``."""
+  x = np.asarray(x, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+  x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+  x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  return x ^ (x >> np.uint64(31))
+
+
+class HeldOut:
+  """The documents ``data.eval_fraction`` holds out of the training corpus: document ``i`` iff
+  ``mix64(i) < fraction * 2**64``. A pure function of the index (not of the seed, the corpus size or the
+  process), so about ``fraction`` of any corpus, the same documents in every run and after every resume."""
+
+  _CHUNK = 1 << 20
+
+  def __init__(self, fraction: float):
+    fraction = float(fraction)
+    if not 0.0 < fraction < 1.0:
+      raise ConfigError(f"config key 'data.eval_fraction': must be in [0, 1) (0 = none), got {fraction}")
+    self.fraction = fraction
+    self._threshold = np.uint64(min(int(fraction * 2.0**64), 2**64 - 1))
+
+  def contains(self, index) -> bool:
+    return bool(_mix64(np.asarray([index]))[0] < self._threshold)
+
+  def indices(self, n: int) -> np.ndarray:
+    """The held-out indices among ``range(n)``, ascending."""
+    parts = [np.flatnonzero(_mix64(np.arange(a, min(a + self._CHUNK, n))) < self._threshold) + a
+             for a in range(0, n, self._CHUNK)]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros((0,), np.int64)
+
+
+class _WithoutHeldOut:
+  """Random access to ``source`` with the held-out documents read as ``None`` (never read at all): grain
+  drops them like blank rows, and every other document keeps its index, hence its place in the order."""
+
+  def __init__(self, source: DocumentSource, held: HeldOut):
+    self.source, self.held = source, held
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index) -> str | None:
+    return None if self.held.contains(index) else self.source[index]
+
+
+class _Subset:
+  """Random access to the documents ``indices`` of ``source`` (in that order)."""
+
+  def __init__(self, source: DocumentSource, indices: np.ndarray):
+    self.source, self.indices = source, np.asarray(indices, dtype=np.int64)
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, index) -> str | None:
+    return self.source[int(self.indices[int(index)])]
+
+
+def held_out(config) -> HeldOut | None:
+  """The held-out split of ``config.data`` (None when ``data.eval_fraction`` is 0)."""
+  d = config.data
+  if d.eval_fraction == 0:
+    return None
+  if d.eval_path:
+    raise ConfigError("config keys 'data.eval_path' and 'data.eval_fraction': evaluate on separate files or on a "
+                      "held-out fraction of the training corpus, not both; set data.eval_fraction=0 or "
+                      "data.eval_path=\"\"")
+  return HeldOut(d.eval_fraction)
+
+
+def has_eval_data(config) -> bool:
+  """Whether ``config.data`` names an evaluation set (``data.eval_path`` or ``data.eval_fraction``)."""
+  return bool(config.data.eval_path) or held_out(config) is not None
+
+
+def make_eval_dataset(config, tokenizer: Tokenizer, *, process_index: int = 0, process_count: int = 1,
+                      batch_size: int | None = None,
+                      source: DocumentSource | None = None) -> grain.IterDataset | None:
+  """The evaluation batches of this process (see the module docstring); None without an eval set.
+
+  ``iter()`` of the result starts over: the same batches every time. The documents repeat when more batches
+  are read than one pass fills (an evaluation reads ``train.eval_batches``). ``source``: the already opened
+  training corpus, for ``data.eval_fraction``.
+  """
+  d = config.data
+  held = held_out(config)
+  if held is None and not d.eval_path:
+    return None
+  _check_specials(config, tokenizer)
+  batch = _per_process_batch(config, process_count, batch_size)
+  if d.eval_path:
+    docs = open_source(d.eval_path, format=d.format, text_key=d.text_key, skip_malformed=d.skip_malformed)
+    where = f"data.eval_path ({d.eval_path}) has {len(docs)} rows"
+  else:
+    corpus = source if source is not None else open_corpus(config)
+    docs = _Subset(corpus, held.indices(len(corpus)))
+    where = (f"data.eval_fraction={d.eval_fraction} holds out {len(docs)} of the {len(corpus)} documents of "
+             f"data.path ({d.path or 'embedded corpus'}); raise data.eval_fraction")
+  ds = grain.MapDataset.source(docs)[process_index::process_count]
+  if len(ds) == 0:
+    raise DataError(f"process {process_index} of {process_count} has no evaluation documents: {where}")
+  ds = ds.repeat(None).map(Encode(tokenizer, d.add_bos, d.add_eos))
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=16))
+  it = packing.PackIterDataset(it, row_len=d.seq_len + 1, pad_id=tokenizer.pad_id)
+  return it.map(packing.to_example).batch(batch, drop_remainder=True)
+
+
 def make_dataset(config, tokenizer: Tokenizer, *, process_index: int = 0, process_count: int = 1,
                  batch_size: int | None = None, source: DocumentSource | None = None) -> grain.IterDataset:
   """The grain ``IterDataset`` of batches (see module docstring); ``make_iterator`` wraps its iterator."""
@@ -151,7 +267,9 @@ def make_dataset(config, tokenizer: Tokenizer, *, process_index: int = 0, proces
     raise ConfigError(f"config key 'data.num_epochs': must be >= 0 (0 = repeat forever), got {d.num_epochs}")
   batch = _per_process_batch(config, process_count, batch_size)
   source = source if source is not None else open_corpus(config)
-  ds = grain.MapDataset.source(source)[process_index::process_count]
+  held = held_out(config)
+  ds = grain.MapDataset.source(source if held is None else _WithoutHeldOut(source, held))
+  ds = ds[process_index::process_count]
   if len(ds) == 0:
     raise DataError(f"process {process_index} of {process_count} has no documents: data.path "
                     f"({d.path or 'embedded corpus'}) has {len(source)} rows")
@@ -181,6 +299,8 @@ def _layout(config, tokenizer, source, process_index, process_count, batch) -> d
       "add_bos": d.add_bos, "add_eos": d.add_eos, "worker_count": d.worker_count,
       "tokenizer": tokenizer.fingerprint[:16],
       "process_index": process_index, "process_count": process_count, "batch_size": batch,
+      # Only when set, so the states of runs without a held-out split (and their checkpoints) stay valid.
+      **({"eval_fraction": d.eval_fraction} if d.eval_fraction else {}),
   }
 
 

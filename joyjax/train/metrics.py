@@ -4,12 +4,16 @@
 Progress: on a terminal, one line redrawn in place (step/total, a bar, loss, tokens/s, MFU, ETA); otherwise
 (a log file, a pipe, a notebook capture) one plain line per ``write``::
 
-  step 10/300 loss 5.123 tok/s 12345 mfu 1.2% eta 1m02s
+  step 10/300 loss 5.123 tok/s 12345 mfu 1.2% load 1.23 eta 1m02s
 
 The display reads the metric keys ``loss`` (with ``loss_avg``, the mean over the log window, when given),
-``tokens_per_sec`` and ``mfu`` (a fraction; shown as percent)
-when present. The ETA comes from the wall time between ``write`` calls (smoothed, so the first step's
-compilation does not dominate it), or from a ``step_time`` metric (seconds per step) when one is given.
+``tokens_per_sec``, ``mfu`` (a fraction; shown as percent), ``expert_load/max_mean_ratio`` (as ``load``) and
+``eval/loss`` with ``eval/perplexity`` (as ``eval loss 4.321 ppl 75.3``) when present. The ETA comes from the
+wall time between ``write`` calls (smoothed, so the first step's compilation does not dominate it), or from a
+``step_time`` metric (seconds per step) when one is given.
+
+``Throughput`` computes those rates: tokens/s, seconds per step and MFU per log window, and the run's steady
+tokens/s (from the end of the first, compiling, step).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import time
 from typing import Any
 
 import numpy as np
+
+from joyjax.train import flops
 
 
 def format_eta(seconds) -> str:
@@ -104,6 +110,82 @@ def expert_load_stats(counts) -> dict[str, float]:
       "max_mean_ratio": float(ratio.max()),
       "max_mean_ratio_avg": float(ratio.mean()),
   }
+
+
+class Throughput:
+  """Tokens/s, seconds per step and MFU over log windows, and the steady rate of a run.
+
+  ``step_done()`` is called when a step's results are read (the step has finished). The first step's time is
+  mostly compilation, so rates count from its end: the first window starts there, and ``steady_tokens_per_sec``
+  is the tokens of the later steps over the time since. ``window()`` returns the rates of the steps finished
+  since the previous call (``{}`` when there were none) and starts a new window. ``exclude(seconds)`` leaves
+  out time spent on something else (an evaluation) from the current window and the steady rate.
+
+  MFU: ``flops_per_token`` (a number or ``flops.flops_per_token``'s dict) and ``peak_flops`` per device,
+  tokens spread over ``devices``; absent when the peak is unknown.
+  """
+
+  def __init__(self, tokens_per_step: int, *, devices: int = 1, flops_per_token=None, peak_flops=None,
+               clock=None):
+    self.tokens_per_step = int(tokens_per_step)
+    self.devices = max(int(devices), 1)
+    self.flops_per_token = flops_per_token
+    self.peak_flops = peak_flops
+    self._clock = clock or time.time
+    self.steps = 0                          # steps finished (read)
+    self.first_end: float | None = None     # when the first step finished
+    self._window_start: float | None = None
+    self._window_steps = 0
+
+  @property
+  def tokens(self) -> int:
+    return self.steps * self.tokens_per_step
+
+  def step_done(self) -> None:
+    now = self._clock()
+    self.steps += 1
+    if self.first_end is None:
+      self.first_end = self._window_start = now
+    else:
+      self._window_steps += 1
+
+  def exclude(self, seconds: float) -> None:
+    if self.first_end is not None:
+      self.first_end += seconds
+      self._window_start += seconds
+
+  def window(self) -> dict[str, float]:
+    now = self._clock()
+    out: dict[str, float] = {}
+    if self._window_steps:
+      dt = max(now - self._window_start, 1e-9)
+      tps = self._window_steps * self.tokens_per_step / dt
+      out = {"tokens_per_sec": tps, "step_time": dt / self._window_steps}
+      u = self.mfu(tps)
+      if u is not None:
+        out["mfu"] = u
+    if self.first_end is not None:
+      self._window_start, self._window_steps = now, 0
+    return out
+
+  def mfu(self, tokens_per_sec: float) -> float | None:
+    if self.flops_per_token is None:
+      return None
+    return flops.mfu(tokens_per_sec / self.devices, self.flops_per_token, self.peak_flops)
+
+  def steady_tokens_per_sec(self) -> float:
+    """Tokens/s of the steps after the first, from its end to now (0.0 before the first step finished)."""
+    if self.first_end is None:
+      return 0.0
+    return (self.steps - 1) * self.tokens_per_step / max(self._clock() - self.first_end, 1e-9)
+
+  def eta_seconds(self, remaining_steps: int, step_time: float | None = None) -> float | None:
+    """Seconds for ``remaining_steps`` more steps at ``step_time`` (default: the steady rate so far)."""
+    if step_time is None:
+      if self.first_end is None or self.steps < 2:
+        return None
+      step_time = (self._clock() - self.first_end) / (self.steps - 1)
+    return max(int(remaining_steps), 0) * step_time
 
 
 class MetricsWriter:
@@ -191,10 +273,18 @@ class MetricsWriter:
       parts.append(f"tok/s {metrics['tokens_per_sec']:.0f}")
     if "mfu" in metrics and math.isfinite(metrics["mfu"]):
       parts.append(f"mfu {100 * metrics['mfu']:.1f}%")
+    load = metrics.get("expert_load/max_mean_ratio")
+    if load is not None and math.isfinite(load):  # the busiest expert's tokens over the mean (1.00 = balanced)
+      parts.append(f"load {load:.2f}")
+    if "eval/loss" in metrics and math.isfinite(metrics["eval/loss"]):
+      parts.append(f"eval loss {metrics['eval/loss']:.3f}")
+      if "eval/perplexity" in metrics and math.isfinite(metrics["eval/perplexity"]):
+        parts.append(f"ppl {metrics['eval/perplexity']:.1f}")
     return parts
 
   def format_line(self, step: int, metrics: dict[str, float]) -> str:
-    """``step 10/300 loss 5.123 tok/s 12345 mfu 1.2% eta 1m02s`` (fields present in ``metrics`` only)."""
+    """``step 10/300 loss 5.123 tok/s 12345 mfu 1.2% load 1.23 eta 1m02s`` (fields present in ``metrics``
+    only)."""
     return " ".join([f"step {step}/{self.total_steps}", *self._fields(metrics),
                      f"eta {format_eta(self.eta_seconds(step))}"])
 
