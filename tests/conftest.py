@@ -1,5 +1,17 @@
+"""Test set-up shared by every test file: CPU with 8 simulated devices, the XLA compile cache, and the helpers
+tests import (``from conftest import REPO_ROOT, tiny_config, free_port, DATA_CACHE``) or take as fixtures
+(``repo_root``, ``free_port``, ``data_cache``).
+
+Tests marked ``slow`` (subprocesses, multiple processes, the large Pallas interpret-mode sweeps, end-to-end
+training runs) each have a faster test covering the same behaviour: ``python -m pytest`` runs everything (what
+CI runs), ``python -m pytest -m "not slow"`` is the fast loop.
+"""
+
 import os
+import socket
 import sys
+
+import pytest
 
 # Tests run on the CPU; 8 host devices let sharding tests build real meshes in-process.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -12,7 +24,9 @@ if "--xla_force_host_platform_device_count" not in _flags:
 if "--xla_backend_optimization_level" not in _flags:
   _flags += " --xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = _flags.strip()
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The repository root: configs/, launch/, benchmarks/ (tests must not depend on the working directory).
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
 
 import jax  # noqa: E402
 
@@ -31,3 +45,61 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 # The embedded corpus and the tokenizer trained on it, built once and shared by every test that trains
 # through the real data pipeline (import it: ``from conftest import DATA_CACHE``).
 DATA_CACHE = os.path.join(tempfile.gettempdir(), f"joyjax-test-data-{os.getuid()}")
+
+
+def repo_config_path(name: str) -> str:
+  """The absolute path of ``configs/<name>.py`` (``name`` may also be given as ``configs/<name>.py``)."""
+  if not name.endswith(".py"):
+    name = os.path.join("configs", name + ".py")
+  return os.path.join(REPO_ROOT, name)
+
+
+TINY = repo_config_path("tiny")
+
+
+def as_overrides(*overrides) -> list[str]:
+  """``--config.a.b=v`` strings from any mix of such strings (or iterables of them) and mappings of dotted
+  keys to values: ``as_overrides("--config.train.steps=4", {"model.dtype": "bfloat16"})``."""
+  out = []
+  for o in overrides:
+    if isinstance(o, str):
+      out.append(o if o.startswith("--config.") else f"--config.{o}")
+    elif isinstance(o, dict):
+      out += [f"--config.{k}={v}" for k, v in o.items()]
+    else:
+      out += as_overrides(*o)
+  return out
+
+
+def load_repo_config(name: str, *overrides):
+  """``load_config`` of ``configs/<name>.py`` with ``overrides`` (see ``as_overrides``)."""
+  from joyjax.config import load_config
+  return load_config(repo_config_path(name), as_overrides(*overrides))
+
+
+def tiny_config(*overrides):
+  """configs/tiny.py with overrides: ``tiny_config("--config.mesh.fsdp=8")``, ``tiny_config({"model.dtype":
+  "bfloat16"})``, or a list of ``--config.`` strings."""
+  return load_repo_config("tiny", *overrides)
+
+
+def free_port() -> int:
+  """A TCP port free on localhost right now (for a coordinator or a launcher's ``--port``)."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> str:
+  return REPO_ROOT
+
+
+@pytest.fixture(name="free_port")
+def _free_port_fixture() -> int:
+  return free_port()
+
+
+@pytest.fixture(scope="session")
+def data_cache() -> str:
+  return DATA_CACHE

@@ -13,7 +13,7 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from joyjax.config import load_config
+from conftest import tiny_config
 from joyjax.train import checkpoint as ckpt
 
 
@@ -54,7 +54,7 @@ def _step_of(state) -> int:
 
 def test_round_trip_is_bitwise_with_data_state_and_config(tmp_path):
   state = dict(_state(0), rng=jax.random.key(3))  # a typed PRNG key is stored as its key data
-  cfg = load_config("configs/tiny.py")
+  cfg = tiny_config()
   data_state = {"iterator": b"\x00\x01\xffgrain-state\n", "epoch": 2, "files": ["a.jsonl", "b.jsonl"],
                 "nested": {"blob": b"", "pos": [1, 2, 3]}}
   with ckpt.Checkpointer(tmp_path, keep=3) as c:  # asynchronous save
@@ -224,7 +224,7 @@ def test_restore_into_a_different_sharding(tmp_path):
 
 def test_save_and_load_params_with_config(tmp_path):
   params = _state(3)["params"]
-  cfg = load_config("configs/tiny.py")
+  cfg = tiny_config()
   path = tmp_path / "converted"
   ckpt.save_params(path, params, config=cfg)
   assert (path / ckpt.PARAMS_CONFIG).exists()

@@ -2,18 +2,19 @@
 
 import pytest
 
+from conftest import TINY, repo_config_path
 from joyjax.config import ConfigError, from_dict, load_config
 
 
 def test_tiny_and_flash_load():
-  assert load_config("configs/tiny.py").model.hidden_size == 64
-  f = load_config("configs/joyai_flash.py")
+  assert load_config(TINY).model.hidden_size == 64
+  f = load_config(repo_config_path("joyai_flash"))
   assert (f.model.num_layers, f.model.moe.num_experts, f.model.vocab_size) == (40, 256, 129280)
 
 
 def test_unknown_override_key_names_it():
   with pytest.raises(ConfigError, match=r"model\.moe\.num_expert'.*Did you mean 'model\.moe\.num_experts'"):
-    load_config("configs/tiny.py", ["--config.model.moe.num_expert=4"])
+    load_config(TINY, ["--config.model.moe.num_expert=4"])
 
 
 def test_unknown_key_in_config_file(tmp_path):
@@ -26,21 +27,21 @@ def test_unknown_key_in_config_file(tmp_path):
 
 def test_bad_value_type_and_consistency():
   with pytest.raises(ConfigError, match=r"train\.steps.*cannot parse"):
-    load_config("configs/tiny.py", ["--config.train.steps=many"])
+    load_config(TINY, ["--config.train.steps=many"])
   with pytest.raises(ConfigError, match=r"model\.moe\.n_group"):
-    load_config("configs/tiny.py", ["--config.model.moe.n_group=3"])
+    load_config(TINY, ["--config.model.moe.n_group=3"])
   with pytest.raises(ConfigError, match=r"model\.moe\.topk_group"):
-    load_config("configs/tiny.py", ["--config.model.moe.topk_group=3"])
+    load_config(TINY, ["--config.model.moe.topk_group=3"])
   with pytest.raises(ConfigError, match=r"train\.batch_size"):
-    load_config("configs/tiny.py", ["--config.train.grad_accum=3"])
+    load_config(TINY, ["--config.train.grad_accum=3"])
   with pytest.raises(ConfigError, match=r"model\.remat"):
-    load_config("configs/tiny.py", ["--config.model.remat=sometimes"])
+    load_config(TINY, ["--config.model.remat=sometimes"])
   with pytest.raises(ConfigError, match="does not exist"):
-    load_config("configs/nope.py")
+    load_config(repo_config_path("nope"))
 
 
 def test_overrides_parse_types_and_round_trip():
-  c = load_config("configs/tiny.py", ["--config.optim.lr=3e-4", "--config.model.scan_layers=false",
+  c = load_config(TINY, ["--config.optim.lr=3e-4", "--config.model.scan_layers=false",
                                       "--config.train.steps=1e3", "--config.data.path=/x/*.jsonl"])
   assert c.optim.lr == 3e-4 and c.model.scan_layers is False and c.train.steps == 1000
   assert from_dict(c.to_dict()).to_dict() == c.to_dict()

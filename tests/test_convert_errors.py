@@ -10,8 +10,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from conftest import tiny_config
 from joyjax import model
-from joyjax.config import load_config
 from joyjax.convert import hf
 from joyjax.convert.safetensors_io import CheckpointFormatError, SafetensorsReader, ShardedWriter
 
@@ -19,7 +19,7 @@ from joyjax.convert.safetensors_io import CheckpointFormatError, SafetensorsRead
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
   """A joyjax tiny model (with its MTP module) exported to HF format, float32."""
-  cfg = load_config("configs/tiny.py", ["--config.model.num_layers=2"])
+  cfg = tiny_config("--config.model.num_layers=2")
   params = jax.tree.map(np.asarray, model.init(cfg, jax.random.key(0)))
   params["moe_layers"]["mlp"]["router_bias"] = np.linspace(-0.2, 0.2, 8, dtype=np.float32)[None]
   out = tmp_path_factory.mktemp("export") / "hf"
@@ -154,7 +154,7 @@ def test_import_streams_tensor_by_tensor(tmp_path):
   the bound telling: output + 2 largest tensors + 1 MiB (Python objects of tracing the model's abstract
   shapes) is well under 1.5 times the output."""
   import tracemalloc
-  cfg = load_config("configs/tiny.py", ["--config.model.num_layers=24", "--config.model.vocab_size=128"])
+  cfg = tiny_config("--config.model.num_layers=24", "--config.model.vocab_size=128")
   params = jax.tree.map(np.asarray, model.init(cfg, jax.random.key(0)))
   hf.export_checkpoint(cfg, params, str(tmp_path / "hf"), dtype="float32")
   out_bytes = sum(a.nbytes for a in jax.tree.leaves(params))

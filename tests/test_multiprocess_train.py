@@ -14,7 +14,6 @@ trivially the same; and a checkpoint's data state is only valid for the process 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -22,11 +21,9 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import DATA_CACHE
+from conftest import DATA_CACHE, REPO_ROOT, TINY, free_port, tiny_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "configs/tiny.py")
-LOCAL_SH = os.path.join(ROOT, "launch/local.sh")
+LOCAL_SH = os.path.join(REPO_ROOT, "launch/local.sh")
 STEPS = 4
 FSDP8 = ("--config.mesh.fsdp=8",)
 DATA2_EXPERT4 = ("--config.mesh.data=2", "--config.mesh.fsdp=1", "--config.mesh.expert=4")
@@ -64,12 +61,6 @@ _DRIVER = textwrap.dedent("""
 """)
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def _kill_group(proc):
   try:
     os.killpg(proc.pid, signal.SIGKILL)
@@ -81,11 +72,12 @@ def launch(log_dir, cmd, args):
   """Runs ``launch/local.sh -n 2 -d 4`` with program ``cmd`` and ``args``; returns the two processes' logs.
   The launcher and everything it started share a new process group, killed whatever happens."""
   env = {k: v for k, v in os.environ.items() if k not in _ENV_DROP}
-  env.update(JOYJAX_CMD=cmd, PYTHONPATH=ROOT, JAX_DEFAULT_MATMUL_PRECISION="highest")  # as tests/conftest.py
-  argv = ["bash", LOCAL_SH, "-n", "2", "-d", "4", "--port", str(_free_port()), "--log-dir", str(log_dir), "--",
+  # JAX_DEFAULT_MATMUL_PRECISION as tests/conftest.py sets it
+  env.update(JOYJAX_CMD=cmd, PYTHONPATH=REPO_ROOT, JAX_DEFAULT_MATMUL_PRECISION="highest")
+  argv = ["bash", LOCAL_SH, "-n", "2", "-d", "4", "--port", str(free_port()), "--log-dir", str(log_dir), "--",
           "--config", TINY, *args]
-  proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          start_new_session=True)
+  proc = subprocess.Popen(argv, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, start_new_session=True)
   try:
     out, _ = proc.communicate(timeout=LAUNCH_TIMEOUT)
   except subprocess.TimeoutExpired:
@@ -137,7 +129,6 @@ class _TwoProcessData:
 @pytest.fixture
 def reference(tmp_path_factory, monkeypatch):
   """A single process with 8 devices (mesh fsdp=2 x expert=2 x tensor=2), fed the 2-process global batches."""
-  from joyjax.config import load_config
   from joyjax.data import pipeline
   from joyjax.train.loop import train
   real = pipeline.make_iterator
@@ -147,7 +138,7 @@ def reference(tmp_path_factory, monkeypatch):
     return _TwoProcessData([real(config, tokenizer, process_index=i, process_count=2) for i in range(2)])
 
   out = tmp_path_factory.mktemp("reference")
-  cfg = load_config(TINY, overrides(out, REF_MESH))
+  cfg = tiny_config(overrides(out, REF_MESH))
   # One process reading every document itself feeds other batches, so matching the reference below is telling.
   tokenizer = pipeline.build_tokenizer(cfg)
   alone = next(real(cfg, tokenizer))["inputs"]
@@ -160,6 +151,9 @@ def reference(tmp_path_factory, monkeypatch):
   return r, {row["step"]: row for row in _metrics(out)}
 
 
+# Two launches of two processes, each compiling the train step (minutes on 2 cores); test_mesh_equivalence.py
+# checks the same meshes in one process, test_train.py the resume.
+@pytest.mark.slow
 def test_two_processes_stop_resume_on_another_mesh_match_one_process(tmp_path, reference):
   ref, ref_rows = reference
   out = tmp_path / "run"

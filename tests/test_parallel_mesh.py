@@ -8,7 +8,6 @@ import json
 import math
 import os
 import random
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,17 +18,12 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from conftest import REPO_ROOT, free_port, tiny_config
 from joyjax import model, optim
-from joyjax.config import ConfigError, load_config
+from joyjax.config import ConfigError
 from joyjax.parallel import distributed, mesh as mesh_lib, rules as rules_lib
 from joyjax.parallel import (MESH_AXES, batch_sharding, data_parallel_size, logical_to_spec, make_mesh, mesh_shape,
                              param_shardings, state_shardings)
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny(*overrides):
-  return load_config(os.path.join(ROOT, "configs/tiny.py"), list(overrides))
 
 
 # ------------------------------------------------------------------------------------------------ mesh
@@ -46,7 +40,7 @@ def tiny(*overrides):
     (["--config.mesh.dcn_data=2", "--config.mesh.tensor=2"], dict(dcn_data=2, data=1, fsdp=2, expert=1, tensor=2)),
 ])
 def test_mesh_shapes_on_8_devices(overrides, expected):
-  cfg = tiny(*overrides)
+  cfg = tiny_config(*overrides)
   assert mesh_shape(cfg, 8) == expected
   mesh = make_mesh(cfg)
   assert mesh.axis_names == MESH_AXES
@@ -55,26 +49,26 @@ def test_mesh_shapes_on_8_devices(overrides, expected):
 
 
 def test_minus_one_resolution():
-  assert mesh_shape(tiny("--config.mesh.data=2"), 8)["fsdp"] == 4
-  assert mesh_shape(tiny("--config.mesh.data=2"), 64)["fsdp"] == 32
-  cfg = tiny("--config.mesh.fsdp=2", "--config.mesh.expert=-1")
+  assert mesh_shape(tiny_config("--config.mesh.data=2"), 8)["fsdp"] == 4
+  assert mesh_shape(tiny_config("--config.mesh.data=2"), 64)["fsdp"] == 32
+  cfg = tiny_config("--config.mesh.fsdp=2", "--config.mesh.expert=-1")
   assert mesh_shape(cfg, 8) == dict(dcn_data=1, data=1, fsdp=2, expert=4, tensor=1)
   assert mesh_shape(cfg, 2)["expert"] == 1
 
 
 def test_mismatched_sizes_name_the_keys():
   with pytest.raises(ConfigError, match=r"mesh\.data=4.*mesh\.fsdp=4.*16.*8 devices.*mesh\.fsdp=-1"):
-    mesh_shape(tiny("--config.mesh.data=4", "--config.mesh.fsdp=4"), 8)
+    mesh_shape(tiny_config("--config.mesh.data=4", "--config.mesh.fsdp=4"), 8)
   with pytest.raises(ValueError, match=r"'mesh\.fsdp' = -1.*mesh\.data=3.*do not divide the 8 devices"):
-    mesh_shape(tiny("--config.mesh.data=3"), 8)
+    mesh_shape(tiny_config("--config.mesh.data=3"), 8)
   with pytest.raises(ConfigError, match=r"mesh"):
-    make_mesh(tiny("--config.mesh.data=2", "--config.mesh.fsdp=2"))          # 4 != 8 devices
+    make_mesh(tiny_config("--config.mesh.data=2", "--config.mesh.fsdp=2"))          # 4 != 8 devices
   with pytest.raises(ConfigError, match="at most one mesh axis may be -1"):
-    tiny("--config.mesh.data=-1")                                              # fsdp is -1 too
+    tiny_config("--config.mesh.data=-1")                                              # fsdp is -1 too
 
 
 def test_make_mesh_on_a_subset_and_abstract_mesh():
-  cfg = tiny("--config.mesh.data=2", "--config.mesh.fsdp=-1")
+  cfg = tiny_config("--config.mesh.data=2", "--config.mesh.fsdp=-1")
   mesh = make_mesh(cfg, jax.devices()[:4])
   assert dict(mesh.shape)["fsdp"] == 2 and mesh.devices.size == 4
   am = mesh_lib.abstract_mesh(cfg, 256)
@@ -98,7 +92,7 @@ def test_multi_node_gpu_layout_keeps_dcn_data_across_nodes(overrides, groups):
   """4 nodes x 8 GPUs (device objects standing in for GPUs): dcn_data rows never share a node."""
   devices = [_FakeGpu(i, i // 8) for i in range(32)]
   random.Random(0).shuffle(devices)
-  arr = mesh_lib._device_array(mesh_shape(tiny(*overrides), 32), devices)
+  arr = mesh_lib._device_array(mesh_shape(tiny_config(*overrides), 32), devices)
   assert arr.shape[0] == len(groups)
   for row, procs in zip(arr, groups):
     assert sorted({d.process_index for d in row.flat}) == procs
@@ -131,14 +125,14 @@ def test_logical_to_spec_priority_no_reuse_and_divisibility():
 
 
 def test_rules_config_key():
-  cfg = tiny("--config.mesh.rules=embed=fsdp,foo=tensor")
+  cfg = tiny_config("--config.mesh.rules=embed=fsdp,foo=tensor")
   r = rules_lib.get_rules(cfg)
   assert dict(r)["embed"] == ("fsdp",) and dict(r)["foo"] == ("tensor",)
   assert [n for n, _ in r][:len(rules_lib.DEFAULT_RULES)] == [n for n, _ in rules_lib.DEFAULT_RULES]
   with pytest.raises(ConfigError, match=r"mesh\.rules.*unknown mesh axis 'fsdpp'"):
-    tiny("--config.mesh.rules=embed=fsdpp")
+    tiny_config("--config.mesh.rules=embed=fsdpp")
   with pytest.raises(ConfigError, match=r"mesh\.rules.*name=axis\+axis"):
-    tiny("--config.mesh.rules=embed")
+    tiny_config("--config.mesh.rules=embed")
 
 
 def _check_valid(sharding, shape, mesh):
@@ -159,7 +153,7 @@ def _check_valid(sharding, shape, mesh):
     ["--config.mesh.fsdp=2", "--config.mesh.expert=2", "--config.mesh.tensor=2"],
 ])
 def test_every_tiny_param_gets_a_valid_sharding(overrides):
-  cfg = tiny(*overrides)
+  cfg = tiny_config(*overrides)
   mesh = make_mesh(cfg)
   abstract = model.abstract_params(cfg)
   shardings = param_shardings(cfg, mesh)
@@ -187,7 +181,7 @@ SHARDED = ("--config.mesh.fsdp=2", "--config.mesh.expert=2", "--config.mesh.tens
 @pytest.fixture(scope="module")
 def sharded_init():
   """One sharded init shared by the tests below (compiling model.init is the slow part on CPU)."""
-  cfg = tiny(*SHARDED)
+  cfg = tiny_config(*SHARDED)
   mesh = make_mesh(cfg)
   shardings = param_shardings(cfg, mesh)
   params = jax.jit(lambda k: model.init(cfg, k), out_shardings=shardings)(jax.random.key(0))
@@ -212,7 +206,7 @@ def test_jit_init_creates_params_already_sharded(sharded_init):
 @pytest.mark.parametrize("name", ["adamw", "muon"])
 def test_optimizer_state_shardings(sharded_init, name):
   cfg, mesh, pshard, params = sharded_init
-  cfg = tiny(*SHARDED, f"--config.optim.name={name}")
+  cfg = tiny_config(*SHARDED, f"--config.optim.name={name}")
   abstract = model.abstract_params(cfg)
   tx = optim.make_optimizer(cfg, abstract)
   abstract_state = jax.eval_shape(tx.init, abstract)
@@ -241,14 +235,14 @@ def test_optimizer_state_shardings(sharded_init, name):
 
 
 def test_batch_sharding_and_data_parallel_size():
-  cfg = tiny("--config.mesh.data=2", "--config.mesh.fsdp=1", "--config.mesh.expert=4")
+  cfg = tiny_config("--config.mesh.data=2", "--config.mesh.fsdp=1", "--config.mesh.expert=4")
   mesh = make_mesh(cfg)
   assert data_parallel_size(mesh) == 8
   s = batch_sharding(mesh)
   assert s.spec == P(("data", "expert"), None)
   x = jax.device_put(np.zeros((16, 32), np.int32), s)
   assert x.addressable_shards[0].data.shape == (2, 32)
-  mesh2 = make_mesh(tiny("--config.mesh.fsdp=2", "--config.mesh.expert=2", "--config.mesh.tensor=2"))
+  mesh2 = make_mesh(tiny_config("--config.mesh.fsdp=2", "--config.mesh.expert=2", "--config.mesh.tensor=2"))
   assert data_parallel_size(mesh2) == 4
   assert batch_sharding(mesh2).shard_shape((8, 16)) == (2, 16)
 
@@ -274,42 +268,44 @@ def test_expand_first_host():
 
 
 def test_resolve_single_config_slurm_tpu(clean_env):
-  assert distributed.resolve(tiny()) is None
-  assert distributed.resolve(tiny("--config.mesh.num_processes=1")) is None
-  cfg = tiny("--config.mesh.coordinator=10.0.0.1:1234", "--config.mesh.num_processes=4", "--config.mesh.process_id=3")
+  assert distributed.resolve(tiny_config()) is None
+  assert distributed.resolve(tiny_config("--config.mesh.num_processes=1")) is None
+  cfg = tiny_config("--config.mesh.coordinator=10.0.0.1:1234", "--config.mesh.num_processes=4",
+                    "--config.mesh.process_id=3")
   assert distributed.resolve(cfg) == dict(coordinator_address="10.0.0.1:1234", num_processes=4, process_id=3)
   with pytest.raises(ConfigError, match=r"mesh\.process_id"):
-    distributed.resolve(tiny("--config.mesh.coordinator=h:1", "--config.mesh.num_processes=2"))
+    distributed.resolve(tiny_config("--config.mesh.coordinator=h:1", "--config.mesh.num_processes=2"))
   with pytest.raises(ConfigError, match=r"mesh\.process_id.*\[0, mesh\.num_processes=2\)"):
-    distributed.resolve(tiny("--config.mesh.coordinator=h:1", "--config.mesh.num_processes=2",
+    distributed.resolve(tiny_config("--config.mesh.coordinator=h:1", "--config.mesh.num_processes=2",
                              "--config.mesh.process_id=2"))
   with pytest.raises(ConfigError, match=r"mesh\.num_processes"):
-    distributed.resolve(tiny("--config.mesh.coordinator=h:1"))
+    distributed.resolve(tiny_config("--config.mesh.coordinator=h:1"))
   with pytest.raises(ConfigError, match=r"mesh\.coordinator"):
-    distributed.resolve(tiny("--config.mesh.num_processes=2", "--config.mesh.process_id=0"))
+    distributed.resolve(tiny_config("--config.mesh.num_processes=2", "--config.mesh.process_id=0"))
   with pytest.raises(ConfigError, match=r"mesh\.coordinator.*host:port"):
-    tiny("--config.mesh.coordinator=justahost")
+    tiny_config("--config.mesh.coordinator=justahost")
   clean_env.setenv("SLURM_NTASKS", "4")
   clean_env.setenv("SLURM_PROCID", "2")
   clean_env.setenv("SLURM_JOB_NODELIST", "gpu-[12-15]")
-  assert distributed.resolve(tiny()) == dict(coordinator_address="gpu-12:12321", num_processes=4, process_id=2)
+  assert distributed.resolve(tiny_config()) == dict(coordinator_address="gpu-12:12321", num_processes=4,
+                                                    process_id=2)
   clean_env.setenv("JOYJAX_COORDINATOR", "head:999")
-  assert distributed.resolve(tiny())["coordinator_address"] == "head:999"
+  assert distributed.resolve(tiny_config())["coordinator_address"] == "head:999"
   clean_env.setenv("SLURM_NTASKS", "1")
-  assert distributed.resolve(tiny()) is None
+  assert distributed.resolve(tiny_config()) is None
   for k in _ENV:
     clean_env.delenv(k, raising=False)
   clean_env.setenv("TPU_WORKER_HOSTNAMES", "t1v-0,t1v-1,t1v-2,t1v-3")
-  assert distributed.resolve(tiny()) == {}
+  assert distributed.resolve(tiny_config()) == {}
   clean_env.setenv("TPU_WORKER_HOSTNAMES", "localhost")
-  assert distributed.resolve(tiny()) is None
+  assert distributed.resolve(tiny_config()) is None
 
 
 def test_initialize_is_a_noop_for_one_process(clean_env):
   calls = []
   clean_env.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
-  distributed.initialize(tiny())
-  distributed.initialize(tiny("--config.mesh.num_processes=1"))
+  distributed.initialize(tiny_config())
+  distributed.initialize(tiny_config("--config.mesh.num_processes=1"))
   assert calls == []
   info = distributed.process_info()
   assert info["process_count"] == 1 and info["device_count"] == 8 and info["platform"] == "cpu"
@@ -338,20 +334,17 @@ _WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
+# Two processes (each a Python start-up and a jax.distributed handshake); test_resolve_single_config_slurm_tpu
+# and test_initialize_is_a_noop_for_one_process are the in-process checks of the same start-up logic.
+@pytest.mark.slow
 def test_two_processes_on_localhost(tmp_path):
   script = tmp_path / "worker.py"
   script.write_text(_WORKER)
   env = {k: v for k, v in os.environ.items() if k not in _ENV}
   env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  port = str(_free_port())
-  procs = [subprocess.Popen([sys.executable, str(script), str(i), port, ROOT], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  port = str(free_port())
+  procs = [subprocess.Popen([sys.executable, str(script), str(i), port, REPO_ROOT], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
   outs = []
   try:
     for p in procs:

@@ -1,15 +1,13 @@
 """``joyjax plan`` for the full JoyAI-LLM Flash config on 64 chips, against numbers derived by hand from the
 published shapes (nothing here reads the model code's shapes)."""
 
-import os
 from types import SimpleNamespace
 
 import pytest
 
-from joyjax.config import load_config
+from conftest import load_repo_config, repo_config_path
 from joyjax.parallel import plan as plan_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 1024 ** 3
 F32 = 4
 
@@ -37,7 +35,7 @@ TOTAL = MUON + ADAM + N_MOE * BIAS
 
 
 def flash(*overrides):
-  return load_config(os.path.join(ROOT, "configs/joyai_flash.py"), list(overrides))
+  return load_repo_config("joyai_flash", overrides)
 
 
 def test_total_matches_published_size():
@@ -129,11 +127,11 @@ def test_printed_table_and_fit(capsys):
 
 def test_cli_plan(capsys):
   from joyjax import cli
-  cli.main(["plan", "--config", os.path.join(ROOT, "configs/joyai_flash.py"), "--devices", "64",
+  cli.main(["plan", "--config", repo_config_path("joyai_flash"), "--devices", "64",
             "--config.mesh.fsdp=64", "--device-memory-gib", "95", "--config.train.batch_size=96"])
   out = capsys.readouterr().out
   assert "fsdp=64" in out and "device memory" in out
   assert "warning: train.batch_size / train.grad_accum = 96 sequences is not a multiple" in out
   with pytest.raises(SystemExit, match=r"mesh\.fsdp=16.*16 but there are 64 devices"):
-    cli.main(["plan", "--config", os.path.join(ROOT, "configs/joyai_flash.py"), "--devices", "64",
+    cli.main(["plan", "--config", repo_config_path("joyai_flash"), "--devices", "64",
               "--config.mesh.fsdp=16"])
