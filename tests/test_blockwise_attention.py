@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import tiny_config
 from joyjax import model
-from joyjax.config import load_config
 from joyjax.model.blockwise import blockwise_attention
 
 
@@ -86,12 +86,13 @@ def test_bfloat16_inputs():
   np.testing.assert_allclose(np.asarray(out, np.float32), reference(q, k, v, seg, 0.3), atol=3e-2, rtol=3e-2)
 
 
+@pytest.mark.slow  # ~16 s on 2 CPU cores; the kernel-level tests above cover the same attention
 def test_model_blockwise_equals_einsum_path(monkeypatch):
   """The tiny model in float32: logits and every gradient, attention_impl blockwise (blocks of 8 over 24
   tokens, two packed documents) vs xla."""
   base = ["--config.model.dtype=float32", "--config.model.attention_block=8"]
-  cfg_x = load_config("configs/tiny.py", base)
-  cfg_b = load_config("configs/tiny.py", base + ["--config.model.attention_impl=blockwise"])
+  cfg_x = tiny_config(base)
+  cfg_b = tiny_config(base, "--config.model.attention_impl=blockwise")
   params = model.init(cfg_x, jax.random.key(0))
   tokens = jax.random.randint(jax.random.key(1), (2, 24), 0, cfg_x.model.vocab_size)
   seg = jnp.asarray(np.repeat([[1] * 11 + [2] * 13], 2, axis=0), jnp.int32)

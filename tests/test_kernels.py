@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import REPO_ROOT
 from joyjax.kernels import ops, pallas_backend
 
 TILE = (16, 16, 16)
@@ -75,6 +76,9 @@ def _close(got, want, rtol):
   np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * scale)
 
 
+# The interpret-mode sweeps (every routing case, both backends) are slow; test_grouped_matmul_impls_match_loop
+# [pallas_interpret] and test_gmm_transpose_rhs_and_other_tiling are the fast interpret-mode cases.
+@pytest.mark.slow
 @pytest.mark.parametrize("backend,dtype", [("gpu", jnp.float32), ("tpu", jnp.float32), ("gpu", jnp.bfloat16)])
 def test_gmm_forward_and_grads_match_loop(backend, dtype):
   lhs, rhs, cot = _inputs(dtype)
@@ -128,6 +132,7 @@ def test_gmm_transpose_rhs_and_other_tiling():
   _close(d_rhs, w_rhs, 1e-5)
 
 
+@pytest.mark.slow  # tgmm is d_rhs of the fast test_grouped_matmul_impls_match_loop[pallas_interpret]
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
 def test_tgmm_matches_loop(backend):
   lhs, _, dout = _inputs(jnp.float32)
@@ -141,6 +146,7 @@ def test_tgmm_matches_loop(backend):
     _close(got, want, 1e-5)
 
 
+@pytest.mark.slow  # fast: test_moe_pallas_model.py[float32_fused] (gmm_swiglu and its VJP in the MoE block)
 def test_gmm_swiglu_fused_matches_loop():
   lhs, w_gate, cot = _inputs(jnp.float32, n=N)
   w_up = jax.random.normal(jax.random.key(7), w_gate.shape, jnp.float32)
@@ -350,9 +356,9 @@ def test_pallas_rejects_bad_shapes():
 # The benchmark script runs end to end at a tiny shape on CPU (pallas_interpret).
 
 
+@pytest.mark.slow  # an end-to-end script run; the kernels it times are checked by the tests above
 def test_benchmark_tiny_cpu_run(tmp_path):
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  path = os.path.join(root, "benchmarks", "moe_kernels.py")
+  path = os.path.join(REPO_ROOT, "benchmarks", "moe_kernels.py")
   spec = importlib.util.spec_from_file_location("moe_kernels_bench", path)
   bench = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(bench)
