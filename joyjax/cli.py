@@ -138,7 +138,8 @@ def cmd_convert(args, overrides):
   _require_absent("--out", args.out)
   if args.hf_dir:
     cfg, params = hf.import_checkpoint(args.hf_dir, param_dtype=args.param_dtype)
-    checkpoint.save_params(args.out, params, config=cfg.to_dict())
+    # An existing --out is an empty directory here (_require_absent): replacing it loses nothing.
+    checkpoint.save_params(args.out, params, config=cfg.to_dict(), overwrite=os.path.isdir(args.out))
     print(f"imported {args.hf_dir} -> {args.out} (train with --config.train.init_from={args.out})")
   else:
     cfg = _config(args, overrides)

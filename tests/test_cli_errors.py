@@ -21,6 +21,7 @@ import pytest
 from configs import base
 from joyjax import cli
 from joyjax.data.tokenizer import train_tokenizer
+from joyjax.errors import CheckpointCorruptError
 from joyjax.train import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -193,6 +194,13 @@ def test_usage_errors_stay_argparse_errors(tmp_path):
   assert rc == 2 and "--hf-dir" in err and "Traceback" not in err
   rc, _, err = joyjax(tmp_path, "train")
   assert rc == 2 and "--config" in err
+
+
+def test_error_line_is_one_line_in_process(tmp_path):
+  assert cli.error_line("train", CheckpointCorruptError("checkpoint x cannot be read\n  (why).\nDelete it")) == \
+      "joyjax train: checkpoint error: checkpoint x cannot be read (why). Delete it"
+  with pytest.raises(SystemExit, match=r"^joyjax params: config error: unknown config key 'model\.hiden_size'"):
+    cli.main(["params", "--config", TINY, "--config.model.hiden_size=8"])
 
 
 # -------------------------------------------------------------------------------------------------- help

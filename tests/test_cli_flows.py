@@ -30,6 +30,7 @@ def test_convert_then_init_from_then_sample(tmp_path, capsys):
   params = jax.tree.map(np.asarray, model.init(cfg0, jax.random.key(7)))
   hf.export_checkpoint(cfg0, params, str(tmp_path / "hf"), dtype="float32")
 
+  (tmp_path / "imported").mkdir()  # an existing empty --out is fine (a non-empty one is refused)
   cli.main(["convert", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "imported")])
   assert "train with --config.train.init_from=" in capsys.readouterr().out
 
