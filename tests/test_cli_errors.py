@@ -125,7 +125,7 @@ def test_missing_tokenizer_file(tmp_path, corpus):
   missing = tmp_path / "tokenizer.json"
   assert_one_line(joyjax(tmp_path, "train", *train_args(tmp_path, f"--config.data.path={corpus / 'docs.jsonl'}",
                                                         f"--config.data.tokenizer={missing}")),
-                  "train", "config error", "'data.tokenizer'", str(missing))
+                  "train", "config error", "'data.tokenizer'", f"{missing}' does not exist", "tokenizer.json")
 
 
 def test_malformed_jsonl_row(tmp_path, corpus):

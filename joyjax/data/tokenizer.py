@@ -135,7 +135,8 @@ def load_tokenizer(path: str) -> Tokenizer:
   if not path.endswith(".json"):
     file = path.rstrip("/") + "/tokenizer.json"
   if not _exists(file):
-    raise ConfigError(f"config key 'data.tokenizer': {path!r} has no tokenizer.json; give the path to a "
+    what = "does not exist" if file == path else "has no tokenizer.json"
+    raise ConfigError(f"config key 'data.tokenizer': {path!r} {what}; give the path to a "
                       "Hugging Face tokenizer.json (or its directory), or '' to train one on the corpus")
   try:
     hf = tokenizers.Tokenizer.from_str(_read_text(file))
