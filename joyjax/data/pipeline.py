@@ -290,6 +290,10 @@ def make_dataset(config, tokenizer: Tokenizer, *, process_index: int = 0, proces
   return it
 
 
+# Layout keys written only when they differ from these values (states written before the key existed match).
+_LAYOUT_DEFAULTS = {"eval_fraction": 0.0}
+
+
 def _layout(config, tokenizer, source, process_index, process_count, batch) -> dict[str, Any]:
   d = config.data
   return {
@@ -330,7 +334,10 @@ class DataIterator(grain.DatasetIterator):
       raise DataError(f"data iterator state is not a joyjax v{STATE_VERSION} state (got keys "
                       f"{sorted(state) if isinstance(state, dict) else type(state).__name__})")
     saved = state.get("layout", {})
-    diff = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in self.layout.items() if saved.get(k) != v]
+    keys = [*self.layout, *(k for k in saved if k not in self.layout)]
+    now = lambda k: self.layout.get(k, _LAYOUT_DEFAULTS.get(k))  # noqa: E731
+    then = lambda k: saved.get(k, _LAYOUT_DEFAULTS.get(k))  # noqa: E731
+    diff = [f"{k}: saved {then(k)!r}, now {now(k)!r}" for k in keys if then(k) != now(k)]
     if diff:
       raise DataError("the saved data iterator state does not match the current data settings ("
                       + "; ".join(diff) + "). Exact resume needs the same data, tokenizer, data.* keys, "
