@@ -38,6 +38,10 @@ class CheckpointMismatchError(CheckpointError, ValueError):
   """The checkpoint's tree or shapes differ from the requested ones."""
 
 
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+  """No (finished) checkpoint where one was asked for (still the ``FileNotFoundError`` callers caught before)."""
+
+
 class CheckpointFormatError(CheckpointError, ValueError):
   """A checkpoint file (safetensors) is missing, truncated or malformed."""
 

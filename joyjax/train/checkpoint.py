@@ -57,21 +57,11 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from joyjax.errors import CheckpointCorruptError, CheckpointError, CheckpointMismatchError
+from joyjax.errors import (CheckpointCorruptError, CheckpointError, CheckpointMismatchError,
+                           CheckpointNotFoundError)
 from joyjax.tree import path_str
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
-  """No (finished) checkpoint where one was asked for: a user error (one line at the CLI) that is still the
-  ``FileNotFoundError`` callers caught before."""
-
-COMMIT_MARKER = "commit_success.txt"  # orbax writes it into a step directory just before committing it
-TMP_MARKER = ".orbax-checkpoint-tmp"  # orbax's suffix of a directory being written
-_ITEMS = ("state", "data", "config")
-_BYTES_KEY = "__bytes_b64__"
-_barrier_ids = itertools.count()
 
 
 # ------------------------------------------------------------------------------------------- helpers

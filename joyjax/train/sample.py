@@ -15,7 +15,7 @@ import numpy as np
 from joyjax import model
 from joyjax.config import from_dict
 from joyjax.data.pipeline import build_tokenizer
-from joyjax.errors import CheckpointCorruptError
+from joyjax.errors import CheckpointCorruptError, CheckpointNotFoundError
 from joyjax.train import checkpoint
 
 
@@ -95,12 +95,12 @@ def sample_from_checkpoint(run_dir, prompt: str, *, max_tokens: int = 64, temper
   ckpt_root = run_dir[:-len("/checkpoints")] if run_dir.rstrip("/").endswith("checkpoints") else run_dir
   if "://" not in run_dir and not os.path.isdir(os.path.join(ckpt_root or ".", "checkpoints")):
     what = "does not exist" if not os.path.exists(run_dir) else "has no checkpoints/ folder"
-    raise checkpoint.CheckpointNotFoundError(f"{run_dir} {what}; give a training run's output_dir "
+    raise CheckpointNotFoundError(f"{run_dir} {what}; give a training run's output_dir "
                                              "(train.output_dir) or its checkpoints/ folder")
   ckpt = checkpoint.Checkpointer(ckpt_root.rstrip("/") or ".", keep=0, async_save=False)
   step = ckpt.latest_step()
   if step is None:
-    raise checkpoint.CheckpointNotFoundError(f"no finished checkpoint under {ckpt.directory}; train first "
+    raise CheckpointNotFoundError(f"no finished checkpoint under {ckpt.directory}; train first "
                                              "(joyjax train --config ...) or pass the run's output_dir")
   cfg_dict = json_config(ckpt, step)
   cfg = from_dict(cfg_dict)
