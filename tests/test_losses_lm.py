@@ -127,10 +127,8 @@ def test_chunked_gradient_equals_full_reference(chunk):
   assert not np.any(np.asarray(got[0])[weights == 0])   # no gradient reaches weight-0 tokens
 
 
-@pytest.mark.xfail(strict=True, reason="losses/lm.py: the jnp.where of a weight-0 token stops the value but "
-                   "not the gradient: 0 * (non-finite softmax) is nan in d/dhead_w (the docstring "
-                   "promises no leak)")
 def test_weight_zero_non_finite_tokens_do_not_reach_the_gradient():
+  """A nan hidden at a weight-0 token (padding, a masked position) changes no gradient, not even d/dhead_w."""
   hidden, head_w, targets, weights = _problem(1)
   bad = hidden.copy()
   bad[tuple(np.argwhere(weights == 0)[0])] = np.nan

@@ -40,10 +40,13 @@ def chunked_cross_entropy(hidden, head_w, targets, weights, *, chunk: int):
 
   @jax.checkpoint
   def one(hc, tc, wc):
+    live = wc != 0
+    # Zero the hidden of weight-0 tokens before the head: a `where` on the loss alone stops their value but not
+    # their gradient (0 * a non-finite softmax is nan in d/dhead_w). Live rows are untouched, bit for bit.
+    hc = jnp.where(live[:, None], hc, jnp.zeros((), hc.dtype))
     logits = jnp.einsum("ne,ev->nv", hc, head_w, preferred_element_type=jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     tgt = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
-    live = wc != 0
     ce = jnp.where(live, (lse - tgt) * wc, 0.0)
     z = jnp.where(live, jnp.square(lse) * wc, 0.0)
     correct = jnp.where(live, (jnp.argmax(logits, axis=-1) == tc) * wc, 0.0)
