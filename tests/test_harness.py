@@ -17,7 +17,6 @@ from conftest import DATA_CACHE
 from joyjax import model, optim
 from joyjax.config import load_config
 from joyjax.data import pipeline
-from joyjax.data.sources import open_source
 from joyjax.errors import ConfigError, DataError
 from joyjax.parallel import rules
 from joyjax.parallel.mesh import make_mesh
@@ -35,8 +34,8 @@ def overrides(out_dir, *extra):
           "--config.train.batch_size=8", "--config.checkpoint.every=3", "--config.train.log_every=2",
           "--config.train.sample_prompt=", f"--config.data.cache_dir={DATA_CACHE}",
           "--config.data.tokenizer_vocab_size=1024", "--config.optim.warmup_steps=2",
-          "--config.data.eval_fraction=0.02", f"--config.train.eval_every={EVERY}", "--config.train.eval_batches=2",
-          *extra]
+          "--config.data.eval_fraction=0.02", f"--config.train.eval_every={EVERY}",
+          "--config.train.eval_batches=2", *extra]
 
 
 def _rows(out_dir):
@@ -67,7 +66,8 @@ def test_harness_losses_equal_a_plain_loop_bitwise(run):
   state_sh = rules.state_shardings(cfg, mesh, abstract)
   batch_sh = rules.batch_sharding(mesh, rules.get_rules(cfg))
   with jax.set_mesh(mesh):
-    state = jax.jit(lambda k: state_lib.init_state(cfg, tx, k), out_shardings=state_sh)(jax.random.key(cfg.train.seed))
+    init = jax.jit(lambda k: state_lib.init_state(cfg, tx, k), out_shardings=state_sh)
+    state = init(jax.random.key(cfg.train.seed))
     step = jax.jit(make_train_step(cfg, tx, STEPS), in_shardings=(state_sh, batch_sh),
                    out_shardings=(state_sh, None), donate_argnums=(0,))
     losses = {}
@@ -200,9 +200,10 @@ def corpus(tmp_path_factory):
 
 
 def _cfg(path, *extra):
-  """Two epochs (the first is read whole; the last partial batch is dropped); no split unless ``extra`` asks."""
-  return load_config(TINY, [f"--config.data.path={path}", "--config.data.seq_len=32", "--config.train.batch_size=8",
-                            "--config.data.num_epochs=2", "--config.data.eval_fraction=0.0", *extra])
+  """Two epochs (the first read whole; the last partial batch is dropped); no split unless ``extra`` asks."""
+  return load_config(TINY, [f"--config.data.path={path}", "--config.data.seq_len=32",
+                            "--config.train.batch_size=8", "--config.data.num_epochs=2",
+                            "--config.data.eval_fraction=0.0", *extra])
 
 
 def _markers(batches, tok):
@@ -287,7 +288,7 @@ def test_held_out_is_a_pure_function_of_the_index():
   idx = h.indices(50_000)
   assert 0.09 < len(idx) / 50_000 < 0.11
   assert h.indices(1000).tolist() == [i for i in idx.tolist() if i < 1000]  # a prefix of a larger corpus
-  assert all(h.contains(i) for i in idx[:50]) and not any(h.contains(i) for i in set(range(200)) - set(idx.tolist()))
+  assert all(h.contains(i) for i in idx[:50])
+  assert not any(h.contains(i) for i in set(range(200)) - set(idx.tolist()))
   with pytest.raises(ConfigError, match="eval_fraction"):
     pipeline.HeldOut(1.5)
-  assert open_source  # (imported for the file formats the eval path shares with data.path)

@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterable
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from joyjax.errors import NonFiniteError
 from joyjax.parallel import distributed
@@ -71,7 +72,6 @@ def agree(flag: bool) -> bool:
   """True on every process when any process has ``flag`` (a signal reaches hosts at different steps)."""
   if jax.process_count() == 1:
     return flag
-  from jax.experimental import multihost_utils
   return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
 
 
