@@ -147,7 +147,7 @@ def test_eval_is_identical_across_resume(run, tmp_path):
 # ------------------------------------------------------------------------------- (d) a finished run
 
 
-def test_rerunning_a_finished_run_says_complete_once_and_does_nothing(run):
+def test_rerunning_a_finished_run_says_complete_once_and_does_nothing(run, capsys):
   before = _rows(run.out_dir)
   cfg = load_config(TINY, overrides(run.out_dir, "--config.train.sample_prompt=def "))
   stream = io.StringIO()
@@ -158,6 +158,9 @@ def test_rerunning_a_finished_run_says_complete_once_and_does_nothing(run):
   assert r.sample is None and r.losses == {} and r.step == STEPS and not r.interrupted
   assert _rows(run.out_dir) == before
   assert sorted(os.listdir(run.out_dir / "checkpoints")) == ["3", "6", "7"]
+  capsys.readouterr()
+  main(cfg)  # `joyjax train`: not even the config
+  assert capsys.readouterr().out == want + "\n"
 
 
 def test_data_error_comes_before_any_output(tmp_path, capsys):

@@ -1,5 +1,5 @@
-"""Pretraining, top to bottom: data -> config -> mesh -> state (init, restore or init_from) -> jitted step ->
-the harness (``harness.py``: log, evaluate, checkpoint, signals) -> summary -> sample.
+"""Pretraining, top to bottom: data -> (already complete?) -> config -> mesh -> state (init, restore or
+init_from) -> jitted step -> the harness (``harness.py``: log, evaluate, checkpoint, signals) -> summary -> sample.
 
 Resume is exact: the step, params, optimizer state and the data iterator's state are saved together, so a
 resumed run feeds the same batches to the same compiled step. SIGTERM / SIGINT finish the current step, save,
@@ -49,8 +49,8 @@ def train(cfg, *, stop_after: int | None = None, stream=None, print_sample: bool
 
 
 def main(cfg) -> RunResult:
-  """The ``joyjax train`` entry: prints the resolved config (once the data opened), trains, exits non-zero on a
-  non-finite stop."""
+  """The ``joyjax train`` entry: prints the resolved config (once the data opened, unless the run is complete),
+  trains, exits non-zero on a non-finite stop."""
   try:
     return _train(cfg, stop_after=None, stream=None, print_sample=True, show_config=True)
   except NonFiniteError as e:
@@ -84,17 +84,17 @@ def _train(cfg, *, stop_after, stream, print_sample: bool, show_config: bool) ->
   say = (lambda *a: print(*a, file=out, flush=True)) if primary else (lambda *a: None)
 
   tokenizer, data, eval_data = _open_data(cfg)  # a data error is the first thing a user sees
-  if show_config:
-    say("config:\n" + str(cfg))
   total = int(t.steps)
   ckpt = checkpoint.Checkpointer(t.output_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
   done = harness.complete(ckpt, total)
-  if done:
+  if done:  # the one line, nothing else
     say(done)
     latest = ckpt.latest_step()
     ckpt.close()
     return RunResult(losses={}, state={}, step=latest, interrupted=False, wall_seconds=time.time() - t_start,
                      tokens_per_sec=0.0)
+  if show_config:
+    say("config:\n" + str(cfg))
 
   mesh = make_mesh(cfg)
   say(f"mesh: {describe(mesh)} over {jax.device_count()} {jax.devices()[0].platform} device(s), "
