@@ -63,6 +63,12 @@ from joyjax.tree import path_str
 
 log = logging.getLogger(__name__)
 
+COMMIT_MARKER = "commit_success.txt"  # orbax writes it into a step directory just before committing it
+TMP_MARKER = ".orbax-checkpoint-tmp"  # orbax's suffix of a directory being written
+_ITEMS = ("state", "data", "config")
+_BYTES_KEY = "__bytes_b64__"
+_barrier_ids = itertools.count()
+
 
 # ------------------------------------------------------------------------------------------- helpers
 
