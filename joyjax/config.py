@@ -212,6 +212,15 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _require(t.batch_size > 0 and t.batch_size % t.grad_accum == 0, "train.batch_size",
            f"must be a positive multiple of train.grad_accum={t.grad_accum}, got {t.batch_size}")
   _require(t.loss_chunk > 0, "train.loss_chunk", "must be positive")
+  _require(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}")
+  _require(not (d.eval_path and d.eval_fraction > 0), "data.eval_fraction",
+           "evaluate on separate files (data.eval_path) or on a held-out fraction of the training corpus, not both; "
+           "set data.eval_fraction=0 or data.eval_path=\"\"")
+  _require(t.eval_every >= 0, "train.eval_every", f"must be >= 0 (0 = never), got {t.eval_every}")
+  _require(t.eval_batches >= 1, "train.eval_batches", f"must be >= 1, got {t.eval_batches}")
+  _require(t.eval_every == 0 or d.eval_path or d.eval_fraction > 0, "train.eval_every",
+           f"{t.eval_every} asks for evaluations but there is no evaluation data; set data.eval_path or "
+           "data.eval_fraction, or train.eval_every=0")
   _require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
   ck = cfg.checkpoint
   _require(ck.every >= 0 and ck.keep > 0, "checkpoint.keep", "checkpoint.every >= 0 and checkpoint.keep > 0")

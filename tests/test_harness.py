@@ -171,12 +171,15 @@ def test_data_error_comes_before_any_output(tmp_path, capsys):
 
 
 def test_eval_every_without_eval_data_is_a_config_error(tmp_path, capsys):
-  cfg = load_config(TINY, overrides(tmp_path, "--config.data.eval_fraction=0.0"))
+  """Checked eagerly, when the config loads: before any data, mesh or compilation."""
   with pytest.raises(ConfigError, match="train.eval_every"):
-    main(cfg)
-  cfg = load_config(TINY, overrides(tmp_path, f"--config.data.eval_path={tmp_path / 'e.jsonl'}"))
+    load_config(TINY, overrides(tmp_path, "--config.data.eval_fraction=0.0"))
   with pytest.raises(ConfigError, match="not both"):
-    main(cfg)
+    load_config(TINY, overrides(tmp_path, f"--config.data.eval_path={tmp_path / 'e.jsonl'}"))
+  with pytest.raises(ConfigError, match="train.eval_batches"):
+    load_config(TINY, overrides(tmp_path, "--config.train.eval_batches=0"))
+  with pytest.raises(ConfigError, match=r"data.eval_fraction.*\[0, 1\)"):
+    load_config(TINY, overrides(tmp_path, "--config.data.eval_fraction=1.0"))
   assert capsys.readouterr().out == ""
 
 
@@ -206,7 +209,7 @@ def _cfg(path, *extra):
   """Two epochs (the first read whole; the last partial batch is dropped); no split unless ``extra`` asks."""
   return load_config(TINY, [f"--config.data.path={path}", "--config.data.seq_len=32",
                             "--config.train.batch_size=8", "--config.data.num_epochs=2",
-                            "--config.data.eval_fraction=0.0", *extra])
+                            "--config.data.eval_fraction=0.0", "--config.train.eval_every=0", *extra])
 
 
 def _markers(batches, tok):

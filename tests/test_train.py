@@ -19,7 +19,8 @@ from joyjax.config import load_config
 from joyjax.model.moe import route
 from joyjax.train import state as state_lib
 from joyjax.train.loop import train
-from joyjax.train.step import make_train_step, update_router_bias
+from joyjax.model import update_router_bias
+from joyjax.train.step import make_train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

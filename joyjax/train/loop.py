@@ -18,7 +18,6 @@ import jax
 
 from joyjax import model, optim
 from joyjax.data import pipeline
-from joyjax.errors import ConfigError, NonFiniteError
 from joyjax.model import count_params, format_counts
 from joyjax.parallel import distributed, rules
 from joyjax.parallel.mesh import describe, make_mesh
@@ -49,24 +48,15 @@ def train(cfg, *, stop_after: int | None = None, stream=None, print_sample: bool
 
 
 def main(cfg) -> RunResult:
-  """The ``joyjax train`` entry: prints the resolved config (once the data opened, unless the run is complete),
-  trains, exits non-zero on a non-finite stop."""
-  try:
-    return _train(cfg, stop_after=None, stream=None, print_sample=True, show_config=True)
-  except NonFiniteError as e:
-    raise SystemExit(f"joyjax train: {e}")
+  """The ``joyjax train`` entry: prints the resolved config (once the data and the state are ready, so a user
+  error is the only thing printed; not when the run is complete) and trains. A non-finite stop raises
+  ``NonFiniteError``, which the command prints as one line."""
+  return _train(cfg, stop_after=None, stream=None, print_sample=True, show_config=True)
 
 
 def _open_data(cfg):
   """(tokenizer, training iterator, eval dataset or None) of this process; data errors surface here."""
-  t = cfg.train
-  if t.eval_every < 0 or t.eval_batches < 1:
-    raise ConfigError(f"config keys 'train.eval_every' and 'train.eval_batches': need eval_every >= 0 (0 = never) "
-                      f"and eval_batches >= 1, got {t.eval_every} and {t.eval_batches}")
-  evaluate = t.eval_every > 0
-  if evaluate and not pipeline.has_eval_data(cfg):
-    raise ConfigError(f"config key 'train.eval_every': {t.eval_every} asks for evaluations but there is no "
-                      "evaluation data; set data.eval_path or data.eval_fraction, or train.eval_every=0")
+  evaluate = cfg.train.eval_every > 0  # config.validate made sure there is evaluation data then
   pi, pc = jax.process_index(), jax.process_count()
   tokenizer = pipeline.build_tokenizer(cfg)
   data = pipeline.make_iterator(cfg, tokenizer, process_index=pi, process_count=pc)
@@ -93,13 +83,8 @@ def _train(cfg, *, stop_after, stream, print_sample: bool, show_config: bool) ->
     ckpt.close()
     return RunResult(losses={}, state={}, step=latest, interrupted=False, wall_seconds=time.time() - t_start,
                      tokens_per_sec=0.0)
-  if show_config:
-    say("config:\n" + str(cfg))
 
   mesh = make_mesh(cfg)
-  say(f"mesh: {describe(mesh)} over {jax.device_count()} {jax.devices()[0].platform} device(s), "
-      f"{jax.process_count()} process(es)")
-  say(format_counts(count_params(cfg)))
   tx = optim.make_optimizer(cfg, model.abstract_params(cfg), total)
   abstract = state_lib.abstract_state(cfg, tx)
   state_sh = rules.state_shardings(cfg, mesh, abstract)
@@ -108,16 +93,25 @@ def _train(cfg, *, stop_after, stream, print_sample: bool, show_config: bool) ->
 
   mesh_ctx = jax.set_mesh(mesh) if hasattr(jax, "set_mesh") else contextlib.nullcontext()
   with mesh_ctx:
+    # The state first: a missing or corrupt checkpoint is reported before anything else is printed.
     restored = harness.restore_latest(ckpt, data, abstract)
     if restored is not None:
       state, latest = restored
-      say(f"resumed from {ckpt.step_dir(latest)} (step {latest})")
+      origin = f"resumed from {ckpt.step_dir(latest)} (step {latest})"
     elif t.init_from:
       params = checkpoint.load_params(t.init_from, abstract["params"])
       state = jax.jit(lambda p: state_lib.state_from_params(cfg, tx, p), out_shardings=state_sh)(params)
-      say(f"initialised params from {t.init_from}")
+      origin = f"initialised params from {t.init_from}"
     else:
       state = jax.jit(lambda k: state_lib.init_state(cfg, tx, k), out_shardings=state_sh)(jax.random.key(t.seed))
+      origin = None
+    if show_config:
+      say("config:\n" + str(cfg))
+    say(f"mesh: {describe(mesh)} over {jax.device_count()} {jax.devices()[0].platform} device(s), "
+        f"{jax.process_count()} process(es)")
+    say(format_counts(count_params(cfg)))
+    if origin:
+      say(origin)
 
     step_fn = jax.jit(make_train_step(cfg, tx, total), in_shardings=(state_sh, batch_sh),
                       out_shardings=(state_sh, None), donate_argnums=(0,))
