@@ -43,8 +43,8 @@ def joyjax(cwd, *args, module="joyjax.cli", debug=False):
 
 def assert_one_line(result, command, kind, *needles, config_printed=False):
   """Exit status 1; stderr is one line ``joyjax <command>: <kind>: ...`` holding every needle; no traceback;
-  no printed config unless ``config_printed`` (train prints it once the data and tokenizer are open, so an
-  error found after that, e.g. in a checkpoint, follows it)."""
+  no printed config unless ``config_printed`` (train prints it once the data, the tokenizer and the state
+  (restore or init_from) are ready; only a malformed row found while packing the first batch follows it)."""
   rc, out, err = result
   assert rc == 1, (rc, out[-2000:], err[-4000:])
   lines = err.strip().splitlines()
@@ -152,7 +152,7 @@ def test_init_from_missing_directory(tmp_path, corpus):
   missing = tmp_path / "converted"
   assert_one_line(joyjax(tmp_path, "train", *train_args(tmp_path, *own_data(corpus),
                                                         f"--config.train.init_from={missing}")),
-                  "train", "checkpoint error", str(missing), "does not exist", "joyjax convert", config_printed=True)
+                  "train", "checkpoint error", str(missing), "does not exist", "joyjax convert")
 
 
 def test_corrupt_checkpoint_in_output_dir(tmp_path, corpus):
@@ -163,7 +163,7 @@ def test_corrupt_checkpoint_in_output_dir(tmp_path, corpus):
   metadata = step / "state" / "_METADATA"
   metadata.write_bytes(metadata.read_bytes()[:20])  # truncated
   assert_one_line(joyjax(tmp_path, "train", *train_args(tmp_path, *own_data(corpus), "--config.train.steps=5")),
-                  "train", "checkpoint error", str(step), "cannot be read", "delete it", config_printed=True)
+                  "train", "checkpoint error", str(step), "cannot be read", "delete it")
   assert metadata.exists() and step.is_dir()  # nothing the user saved is deleted
 
 
