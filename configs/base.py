@@ -91,6 +91,17 @@ def get_config() -> ml_collections.ConfigDict:
   # same documents in every run (chosen by a hash of the document index). Not together with data.eval_path.
   d.eval_fraction = 0.0
 
+  # ---------------------------------------------------------------- preference optimization (joyjax dpo)
+  # Rows {"prompt" | "messages", "chosen", "rejected"} in data.path (JSON lines); see joyjax/data/dpo.py.
+  po = c.dpo = ml_collections.ConfigDict()
+  po.beta = 0.1                    # strength of the KL penalty: rewards are beta * (log pi - log pi_ref)
+  po.loss_type = "sigmoid"         # sigmoid (DPO; cDPO with label_smoothing > 0) | ipo (length-normalised)
+  po.label_smoothing = 0.0         # sigmoid only: assumed probability that a pair's labels are flipped, [0, 0.5)
+  po.reference = "frozen"          # frozen (a copy of the starting params in the state) | precomputed (one pass)
+  po.pairs_per_batch = 0           # pair slots per global batch (0 = train.batch_size); rows: train.batch_size
+  po.overlong = "truncate"         # a pair longer than data.seq_len: truncate (prompt tail, response head) | skip
+  po.thinking = True               # thinking mode for rows without a "thinking" field
+
   # ---------------------------------------------------------------- optimizer
   o = c.optim = ml_collections.ConfigDict()
   o.name = "muon"                  # muon (2-D matrices; AdamW for the rest) | adamw
