@@ -25,6 +25,7 @@ from joyjax import model
 from joyjax.axes import MESH_AXES
 from joyjax.config import load_config
 from joyjax.convert import hf
+from joyjax.data.tokenizer import load_tokenizer
 from joyjax.errors import CheckpointError, ConfigError, JoyjaxError
 from joyjax.model import count_params, format_counts
 from joyjax.parallel import plan
@@ -140,6 +141,9 @@ def cmd_convert(args, overrides):
     cfg, params = hf.import_checkpoint(args.hf_dir, param_dtype=args.param_dtype)
     # An existing --out is an empty directory here (_require_absent): replacing it loses nothing.
     checkpoint.save_params(args.out, params, config=cfg.to_dict(), overwrite=os.path.isdir(args.out))
+    tok = os.path.join(args.hf_dir, checkpoint.TOKENIZER_FILE)
+    if os.path.exists(tok):  # runs that start from this checkpoint (train.init_from) read text as it did
+      checkpoint.save_tokenizer(args.out, load_tokenizer(tok))
     print(f"imported {args.hf_dir} -> {args.out} (train with --config.train.init_from={args.out})")
   else:
     cfg = _config(args, overrides)

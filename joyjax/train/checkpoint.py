@@ -220,7 +220,7 @@ class Checkpointer:
   """
 
   def __init__(self, output_dir, *, keep: int, async_save: bool = True):
-    self.directory = _path(output_dir) / "checkpoints"
+    self.directory = _path(output_dir) / CHECKPOINTS_DIR
     if _is_primary():
       self.directory.mkdir(parents=True, exist_ok=True)
       self._quarantine_unfinished()
@@ -407,10 +407,36 @@ def load_params_config(path) -> dict | None:
   return json.loads(f.read_text()) if f.exists() else None
 
 
+CHECKPOINTS_DIR = "checkpoints"  # inside a run's output_dir
+TOKENIZER_FILE = "tokenizer.json"  # the run's tokenizer, saved in its output_dir (and by `joyjax convert`)
+
+
+def save_tokenizer(directory, tokenizer) -> None:
+  """Saves ``tokenizer`` as ``<directory>/tokenizer.json`` (atomically; left alone when identical), so a run
+  that starts from this one's checkpoints (``train.init_from``) reads text the same way."""
+  path = _path(directory) / TOKENIZER_FILE
+  if path.exists() and path.read_text() == tokenizer.hf.to_str():
+    return
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tokenizer.save(os.fspath(path))
+
+
+def find_saved_tokenizer(path) -> str | None:
+  """The ``tokenizer.json`` saved with the checkpoint ``path`` (a params-only checkpoint, a run's output_dir,
+  its ``checkpoints`` folder or one step of it), or None."""
+  p = _path(path)
+  for d in (p, p.parent, p.parent.parent):
+    if (d / TOKENIZER_FILE).exists():
+      return os.fspath(d / TOKENIZER_FILE)
+  return None
+
+
 def _resolve_params_dir(path: epath.Path) -> tuple[epath.Path, str | None]:
   """(directory of the pytree item, key of the params subtree or None) for a params-only checkpoint, a
-  training step directory (``.../checkpoints/<step>``: its state's 'params') or a ``checkpoints`` directory
-  (its latest finished step)."""
+  training step directory (``.../checkpoints/<step>``: its state's 'params'), a ``checkpoints`` directory
+  (its latest finished step) or a run's output_dir (the same, in its ``checkpoints``)."""
+  if not (path / "_METADATA").exists() and (path / CHECKPOINTS_DIR).is_dir():
+    path = path / CHECKPOINTS_DIR
   if (path / "state").is_dir() and (path / "_CHECKPOINT_METADATA").exists():
     return path / "state", "params"
   if not (path / "_METADATA").exists():
@@ -422,7 +448,8 @@ def _resolve_params_dir(path: epath.Path) -> tuple[epath.Path, str | None]:
 
 def load_params(path, abstract_params=None):
   """Reads a params-only checkpoint written by ``save_params`` (or the params of a training checkpoint: a
-  step directory ``<output_dir>/checkpoints/<step>``, or ``<output_dir>/checkpoints`` for its latest step).
+  step directory ``<output_dir>/checkpoints/<step>``, or ``<output_dir>/checkpoints`` or ``<output_dir>`` for
+  its latest step).
 
   ``abstract_params``: the model's tree of ``jax.ShapeDtypeStruct`` (e.g. ``transformer.abstract_params``
   with shardings attached) or arrays; restores straight into their shardings and dtypes, after checking that

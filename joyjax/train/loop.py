@@ -1,5 +1,9 @@
-"""Pretraining, top to bottom: data -> (already complete?) -> config -> mesh -> state (init, restore or
-init_from) -> jitted step -> the harness (``harness.py``: log, evaluate, checkpoint, signals) -> summary -> sample.
+"""A training run, top to bottom: data -> (already complete?) -> mesh -> state (restore, init_from or init)
+-> config -> jitted step -> the harness (``harness.py``: log, evaluate, checkpoint, signals) -> summary -> sample.
+
+What differs between pretraining (``joyjax train``), supervised fine-tuning (``joyjax sft``) and preference
+optimisation (``joyjax dpo``) is an ``Objective``: its data, its step, its eval step and its state. Everything
+else (meshes, shardings, resume, signals, metrics, checkpoints) is this one loop.
 
 Resume is exact: the step, params, optimizer state and the data iterator's state are saved together, so a
 resumed run feeds the same batches to the same compiled step. SIGTERM / SIGINT finish the current step, save,
@@ -13,11 +17,13 @@ import contextlib
 import dataclasses
 import sys
 import time
+from typing import Callable
 
 import jax
 
 from joyjax import model, optim
 from joyjax.data import pipeline
+from joyjax.data.tokenizer import load_tokenizer
 from joyjax.model import count_params, format_counts
 from joyjax.parallel import distributed, rules
 from joyjax.parallel.mesh import describe, make_mesh
@@ -41,31 +47,66 @@ class RunResult:
   sample: str | None = None
 
 
-def train(cfg, *, stop_after: int | None = None, stream=None, print_sample: bool = True) -> RunResult:
-  """Runs (or resumes) the training of ``cfg`` up to ``train.steps`` (or, for tests, only until step
-  ``stop_after``, as if interrupted there after saving). Returns a ``RunResult``."""
-  return _train(cfg, stop_after=stop_after, stream=stream, print_sample=print_sample, show_config=False)
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """What a kind of training brings to the loop.
+
+  open_data(cfg, tokenizer, process_index, process_count, evaluate) -> (train iterator, eval dataset or None):
+    the iterator yields this process's batches and has ``get_state`` / ``set_state`` (exact resume);
+  make_step(cfg, tx, total_steps) -> step(state, batch) -> (state, metrics);
+  make_eval(cfg) -> (eval_step(state, batch) -> sums, summarize(sums) -> metrics);
+  init_state(cfg, tx, params) -> state: the state around starting params (e.g. with a frozen reference copy).
+  """
+  name: str
+  open_data: Callable
+  make_step: Callable
+  make_eval: Callable
+  init_state: Callable = state_lib.state_from_params
 
 
-def main(cfg) -> RunResult:
-  """The ``joyjax train`` entry: prints the resolved config (once the data and the state are ready, so a user
-  error is the only thing printed; not when the run is complete) and trains. A non-finite stop raises
-  ``NonFiniteError``, which the command prints as one line."""
-  return _train(cfg, stop_after=None, stream=None, print_sample=True, show_config=True)
-
-
-def _open_data(cfg):
-  """(tokenizer, training iterator, eval dataset or None) of this process; data errors surface here."""
-  evaluate = cfg.train.eval_every > 0  # config.validate made sure there is evaluation data then
-  pi, pc = jax.process_index(), jax.process_count()
-  tokenizer = pipeline.build_tokenizer(cfg)
+def _pretrain_data(cfg, tokenizer, pi, pc, evaluate):
   data = pipeline.make_iterator(cfg, tokenizer, process_index=pi, process_count=pc)
   eval_data = pipeline.make_eval_dataset(cfg, tokenizer, process_index=pi, process_count=pc,
                                          source=getattr(data, "source", None)) if evaluate else None
+  return data, eval_data
+
+
+PRETRAIN = Objective("train", _pretrain_data, make_train_step, lambda cfg: (make_lm_eval_step(cfg), lm_eval_metrics))
+
+
+def train(cfg, *, stop_after: int | None = None, stream=None, print_sample: bool = True,
+          objective: Objective = PRETRAIN) -> RunResult:
+  """Runs (or resumes) the training of ``cfg`` up to ``train.steps`` (or, for tests, only until step
+  ``stop_after``, as if interrupted there after saving). Returns a ``RunResult``."""
+  return _train(cfg, objective, stop_after=stop_after, stream=stream, print_sample=print_sample, show_config=False)
+
+
+def main(cfg, objective: Objective = PRETRAIN) -> RunResult:
+  """The ``joyjax train`` / ``sft`` / ``dpo`` entry: prints the resolved config (once the data and the state
+  are ready, so a user error is the only thing printed; not when the run is complete) and trains. A non-finite
+  stop raises ``NonFiniteError``, which the command prints as one line."""
+  return _train(cfg, objective, stop_after=None, stream=None, print_sample=True, show_config=True)
+
+
+def run_tokenizer(cfg):
+  """The tokenizer of a run: ``data.tokenizer``; else the one saved with the checkpoint in ``train.init_from``
+  (a fine-tuning run must read text as its base model did); else one built from the corpus."""
+  if not cfg.data.tokenizer and cfg.train.init_from:
+    saved = checkpoint.find_saved_tokenizer(cfg.train.init_from)
+    if saved:
+      return load_tokenizer(saved)
+  return pipeline.build_tokenizer(cfg)
+
+
+def _open_data(cfg, objective: Objective):
+  """(tokenizer, training iterator, eval dataset or None) of this process; data errors surface here."""
+  tokenizer = run_tokenizer(cfg)
+  data, eval_data = objective.open_data(cfg, tokenizer, jax.process_index(), jax.process_count(),
+                                        cfg.train.eval_every > 0)  # validate() made sure eval data exists then
   return tokenizer, data, eval_data
 
 
-def _train(cfg, *, stop_after, stream, print_sample: bool, show_config: bool) -> RunResult:
+def _train(cfg, objective: Objective, *, stop_after, stream, print_sample: bool, show_config: bool) -> RunResult:
   t_start = time.time()
   t = cfg.train
   out = stream or sys.stdout
@@ -73,7 +114,7 @@ def _train(cfg, *, stop_after, stream, print_sample: bool, show_config: bool) ->
   primary = jax.process_index() == 0
   say = (lambda *a: print(*a, file=out, flush=True)) if primary else (lambda *a: None)
 
-  tokenizer, data, eval_data = _open_data(cfg)  # a data error is the first thing a user sees
+  tokenizer, data, eval_data = _open_data(cfg, objective)  # a data error is the first thing a user sees
   total = int(t.steps)
   ckpt = checkpoint.Checkpointer(t.output_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
   done = harness.complete(ckpt, total)
@@ -86,7 +127,8 @@ def _train(cfg, *, stop_after, stream, print_sample: bool, show_config: bool) ->
 
   mesh = make_mesh(cfg)
   tx = optim.make_optimizer(cfg, model.abstract_params(cfg), total)
-  abstract = state_lib.abstract_state(cfg, tx)
+  init_state = lambda params: objective.init_state(cfg, tx, params)
+  abstract = jax.eval_shape(lambda k: init_state(model.init(cfg, k)), jax.random.key(0))
   state_sh = rules.state_shardings(cfg, mesh, abstract)
   batch_sh = rules.batch_sharding(mesh, rules.get_rules(cfg))
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
@@ -100,10 +142,10 @@ def _train(cfg, *, stop_after, stream, print_sample: bool, show_config: bool) ->
       origin = f"resumed from {ckpt.step_dir(latest)} (step {latest})"
     elif t.init_from:
       params = checkpoint.load_params(t.init_from, abstract["params"])
-      state = jax.jit(lambda p: state_lib.state_from_params(cfg, tx, p), out_shardings=state_sh)(params)
+      state = jax.jit(init_state, out_shardings=state_sh)(params)
       origin = f"initialised params from {t.init_from}"
     else:
-      state = jax.jit(lambda k: state_lib.init_state(cfg, tx, k), out_shardings=state_sh)(jax.random.key(t.seed))
+      state = jax.jit(lambda k: init_state(model.init(cfg, k)), out_shardings=state_sh)(jax.random.key(t.seed))
       origin = None
     if show_config:
       say("config:\n" + str(cfg))
@@ -113,13 +155,16 @@ def _train(cfg, *, stop_after, stream, print_sample: bool, show_config: bool) ->
     if origin:
       say(origin)
 
-    step_fn = jax.jit(make_train_step(cfg, tx, total), in_shardings=(state_sh, batch_sh),
+    if primary:
+      checkpoint.save_tokenizer(t.output_dir, tokenizer)
+    step_fn = jax.jit(objective.make_step(cfg, tx, total), in_shardings=(state_sh, batch_sh),
                       out_shardings=(state_sh, None), donate_argnums=(0,))
     evaluator = None
     if eval_data is not None:
+      eval_step, summarize = objective.make_eval(cfg)
       evaluator = harness.Evaluator(
-          step=jax.jit(make_lm_eval_step(cfg), in_shardings=(state_sh, batch_sh), out_shardings=None),
-          dataset=eval_data, num_batches=int(t.eval_batches), every=int(t.eval_every), summarize=lm_eval_metrics)
+          step=jax.jit(eval_step, in_shardings=(state_sh, batch_sh), out_shardings=None),
+          dataset=eval_data, num_batches=int(t.eval_batches), every=int(t.eval_every), summarize=summarize)
     seq, bsz = cfg.data.seq_len, t.batch_size
     throughput = Throughput(bsz * seq, devices=jax.device_count(), flops_per_token=flops.flops_per_token(cfg, seq),
                             peak_flops=flops.peak_flops_per_device(jax.devices()[0].device_kind, cfg.model.dtype,
