@@ -182,8 +182,9 @@ def test_grouped_matmul_impls_match_loop(impl, monkeypatch):
   assert not np.any(np.asarray(out[41:]))
 
 
-def _triton_ir_modules(fn, *avals):
-  """Lowers ``fn`` for CUDA on this CPU-only host; returns the verified Triton IR of each Pallas kernel."""
+def _triton_ir_modules(fn, *avals, with_num_stages=False):
+  """Lowers ``fn`` for CUDA on this CPU-only host; returns the verified Triton IR of each Pallas kernel
+  ({name: [text]}, or {name: [(text, num_stages)]} with ``with_num_stages``)."""
   try:
     from jax._src.lib.mlir import ir
     from jax._src.pallas.triton import lowering as triton_lowering
@@ -208,7 +209,9 @@ def _triton_ir_modules(fn, *avals):
     with make_ctx():
       module = ir.Module.parse(ir.StringAttr(cfg["ir"]).value_bytes)  # parses = verifies
       assert module.operation.verify()
-      modules.setdefault(ir.StringAttr(cfg["name"]).value, []).append(str(module))
+      text = str(module)
+      entry = (text, ir.IntegerAttr(cfg["num_stages"]).value) if with_num_stages else text
+      modules.setdefault(ir.StringAttr(cfg["name"]).value, []).append(entry)
   return modules
 
 
@@ -318,10 +321,10 @@ def test_permute_unpermute_gradients_match_dense():
 
 def test_resolve_impl_explicit_auto_and_env(monkeypatch):
   monkeypatch.delenv(ops.ENV_VAR, raising=False)
-  for impl in ("reference", "ragged_dot", "pallas", "pallas_interpret"):
+  for impl in ("reference", "ragged_dot", "pallas_interpret"):
     assert ops.resolve_impl(impl) == impl
   assert ops.resolve_impl("auto") == "ragged_dot"  # CPU: the compiled Pallas kernels are not available
-  assert not pallas_backend.available("cpu")
+  assert pallas_backend.unsupported_reason(pallas_backend.hardware()) is not None
   monkeypatch.setenv(ops.ENV_VAR, "reference")
   assert ops.resolve_impl("pallas") == "reference"  # the environment override wins over the config
   assert ops.resolve_impl("auto") == "reference"
@@ -330,9 +333,11 @@ def test_resolve_impl_explicit_auto_and_env(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
-def test_availability_self_test_passes_in_interpret_mode(backend):
-  # available('gpu'/'tpu') runs this self-test compiled on the device; here the same check runs interpreted.
-  assert pallas_backend._smoke_test(backend, interpret=True)
+def test_self_test_passes_in_interpret_mode(backend):
+  # A user or benchmark runs pallas_backend.self_test() compiled on the device; here it runs interpreted.
+  assert pallas_backend.self_test(backend, interpret=True)
+  with pytest.raises(RuntimeError, match="outside jax.jit"):  # never inside a trace
+    jax.eval_shape(lambda: pallas_backend.self_test(backend, interpret=True))
 
 
 def test_resolve_impl_unknown_is_a_clear_error(monkeypatch):

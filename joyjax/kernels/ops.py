@@ -3,29 +3,63 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import jax
 import jax.numpy as jnp
 
 from joyjax.config import MOE_IMPLS
+from joyjax.errors import ConfigError
 from joyjax.kernels import pallas_backend, reference
 
 ENV_VAR = "JOYJAX_MOE_IMPL"
 
+_log = logging.getLogger(__name__)
+
 
 def resolve_impl(impl: str = "auto") -> str:
-  """The backend to use: the environment override first, then ``impl``, with ``auto`` per platform."""
-  impl = os.environ.get(ENV_VAR, "") or impl
+  """The backend to use: the environment override first, then ``impl``, with ``auto`` per platform.
+
+  ``auto`` is decided once per process from facts about the hardware (``auto_impl``), never by running a
+  kernel, so it is the same whether it is first asked for inside ``jax.jit`` tracing or outside. ``pallas``
+  on a platform where the compiled kernels cannot run is a ``ConfigError``, never a silent fallback.
+  """
+  from_env = os.environ.get(ENV_VAR, "")
+  impl = from_env or impl
+  source = ENV_VAR if from_env else "model.moe.impl"
   if impl not in MOE_IMPLS:
-    raise ValueError(f"unknown MoE impl {impl!r} (from {ENV_VAR} or model.moe.impl); choose one of {MOE_IMPLS}")
-  if impl != "auto":
-    return impl
-  platform = jax.default_backend()
-  if platform in ("gpu", "cuda", "tpu"):
-    if pallas_backend.available(platform):
-      return "pallas"
-  return "ragged_dot"
+    raise ConfigError(f"unknown MoE impl {impl!r} (from {source}); choose one of {MOE_IMPLS}")
+  if impl == "auto":
+    return auto_impl()
+  if impl == "pallas":
+    why_not = pallas_backend.unsupported_reason(pallas_backend.hardware())
+    if why_not is not None:
+      raise ConfigError(
+          f"{source}=pallas cannot run here: {why_not}. Set {source} to auto (which picks "
+          f"{auto_impl()} here), ragged_dot or reference; pallas_interpret runs the same kernels in the "
+          "Pallas interpreter (slow, for CPU tests)")
+  return impl
+
+
+@functools.lru_cache(maxsize=None)
+def auto_impl() -> str:
+  """What ``impl='auto'`` means in this process: ``pallas`` where the compiled kernels can run (an NVIDIA GPU
+  of compute capability >= 8.0 with Triton importable, or a TPU with megablox), else ``ragged_dot``. Decided
+  once from ``pallas_backend.hardware()`` (plain Python facts: no computation, safe inside a trace) and logged
+  once with the reason; ``clear_backend_choice`` forgets it."""
+  hw = pallas_backend.hardware()
+  why_not = pallas_backend.unsupported_reason(hw)
+  impl = "pallas" if why_not is None else "ragged_dot"
+  _log.info("MoE grouped matmul backend: model.moe.impl=auto -> %s (%s%s)", impl,
+            pallas_backend.describe_hardware(hw), "" if why_not is None else f"; pallas not used: {why_not}")
+  return impl
+
+
+def clear_backend_choice() -> None:
+  """Forgets the cached hardware facts and ``auto`` choice (tests that pretend another platform)."""
+  auto_impl.cache_clear()
+  pallas_backend.hardware.cache_clear()
 
 
 def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, impl: str = "auto",

@@ -18,6 +18,9 @@ default on CPU), ``tpu`` = JAX's megablox kernels (``pallas_tpu``). Accumulation
 ``lhs.dtype`` (gradients take their primal's dtype). Operands are zero-padded inside the wrapper so M, K and N
 are tile multiples: a K that is not a tile multiple is therefore exact (padded columns contribute 0), never
 masked.
+
+Where the compiled kernels can run is decided from ``hardware()`` facts (``unsupported_reason``), never by
+running one; ``self_test`` is an explicit check for users and benchmarks.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from joyjax.kernels import pallas_gpu, pallas_tpu
+from joyjax.kernels import pallas_gpu, pallas_tpu, smem
 
 _log = logging.getLogger(__name__)
 
@@ -88,28 +91,90 @@ def _make_cfg(interpret: bool, tiling, backend: str | None) -> _Cfg:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Availability (used by ops.resolve_impl('auto')).
+# Where the compiled kernels can run: decided from facts that cannot fail for reasons unrelated to the
+# hardware (ops.resolve_impl caches the decision and logs it). Never by running a kernel: that is self_test,
+# which only a user or a benchmark calls, outside any trace.
 
-def available(platform: str) -> bool:
-  """Whether the compiled Pallas kernels serve ``platform`` here (checked once, by running a tiny problem)."""
-  platform = (platform or "").lower()
-  if platform in ("gpu", "cuda"):
-    return _smoke_test("gpu")
-  if platform == "tpu":
-    return pallas_tpu.available() and _smoke_test("tpu")
-  return False
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+  """What this process runs on. ``compute_capability``: (major, minor) of an NVIDIA GPU, else None (ROCm GPUs
+  report none). ``triton``: ``jax.experimental.pallas.triton`` imports. ``megablox``: JAX's TPU grouped-matmul
+  kernels import. ``smem_limit_bytes``: shared memory per block the GPU kernels' tilings must fit."""
+  platform: str
+  compute_capability: tuple[int, int] | None
+  triton: bool
+  megablox: bool
+  smem_limit_bytes: int
+
+
+def _platform() -> str:
+  return jax.default_backend()
+
+
+def _compute_capability() -> tuple[int, int] | None:
+  cc = getattr(jax.devices()[0], "compute_capability", None)
+  if not cc:
+    return None
+  major, _, minor = str(cc).partition(".")
+  return int(major), int(minor or 0)
+
+
+def _triton_importable() -> bool:
+  try:
+    from jax.experimental.pallas import triton  # noqa: F401
+  except ImportError:
+    return False
+  return True
 
 
 @functools.lru_cache(maxsize=None)
-def _smoke_test(backend: str, interpret: bool = False) -> bool:
-  """Compiles and runs a tiny ragged problem (an empty group, rows past the end); checks it against numpy."""
+def hardware() -> Hardware:
+  """The facts of this process's default platform (cached: they do not change while it runs)."""
+  platform = _platform()
+  cc = _compute_capability() if platform == "gpu" else None
+  return Hardware(platform=platform, compute_capability=cc,
+                  triton=platform == "gpu" and _triton_importable(),
+                  megablox=platform == "tpu" and pallas_tpu.available(),
+                  smem_limit_bytes=smem.smem_limit_bytes(cc))
+
+
+def unsupported_reason(hw: Hardware) -> str | None:
+  """Why the compiled Pallas kernels cannot run on ``hw``, or None if they can."""
+  if hw.platform == "gpu":
+    if hw.compute_capability is None:
+      return "this GPU reports no NVIDIA compute capability (the Triton kernels need an NVIDIA GPU)"
+    if hw.compute_capability < (8, 0):
+      return (f"NVIDIA compute capability {hw.compute_capability[0]}.{hw.compute_capability[1]} < 8.0 "
+              "(the kernels need bf16 tensor cores: Ampere, Hopper or newer)")
+    if not hw.triton:
+      return "jax.experimental.pallas.triton does not import in this jax install"
+    return None
+  if hw.platform == "tpu":
+    return None if hw.megablox else "JAX's megablox TPU kernels do not import in this jax install"
+  return f"platform {hw.platform!r} has no compiled Pallas kernels (GPU or TPU only)"
+
+
+def describe_hardware(hw: Hardware) -> str:
+  """One line of the facts the backend choice rests on (for the log)."""
+  if hw.platform == "gpu":
+    cc = "none" if hw.compute_capability is None else "%d.%d" % hw.compute_capability
+    return f"platform gpu, compute capability {cc}, triton {'importable' if hw.triton else 'missing'}"
+  if hw.platform == "tpu":
+    return f"platform tpu, megablox {'importable' if hw.megablox else 'missing'}"
+  return f"platform {hw.platform}"
+
+
+def self_test(backend: str = "gpu", interpret: bool = False) -> bool:
+  """Compiles and runs a tiny ragged problem (an empty group, rows past the end) and checks it against numpy.
+
+  An explicit check for a user or a benchmark (e.g. after installing a new jax): it runs concrete
+  computations, so it must be called outside any trace; backend selection never calls it. Returns False (and
+  logs why) if compiling or running fails or the result is wrong.
+  """
+  if isinstance(jnp.zeros(()), jax.core.Tracer):
+    raise RuntimeError("pallas_backend.self_test runs concrete computations: call it outside jax.jit "
+                       "/ tracing")
   try:
-    if backend == "gpu" and not interpret:
-      from jax.experimental.pallas import triton  # noqa: F401
-      dev = jax.devices("gpu")[0]
-      cc = getattr(dev, "compute_capability", None)
-      if cc is None or float(cc) < 8.0:  # bf16 tensor cores; also excludes ROCm (no compute_capability)
-        return False
     rng = np.random.default_rng(0)
     lhs = jnp.asarray(rng.standard_normal((256, 128)), jnp.bfloat16)
     rhs = jnp.asarray(rng.standard_normal((3, 128, 128)), jnp.bfloat16)
@@ -122,10 +187,10 @@ def _smoke_test(backend: str, interpret: bool = False) -> bool:
     want[100:220] = l32[100:220] @ r32[2]
     ok = np.allclose(out, want, rtol=2e-2, atol=2e-1)
     if not ok:
-      _log.warning("pallas %s grouped matmul gave wrong results in its self-test; not using it", backend)
+      _log.warning("pallas %s grouped matmul gave wrong results in its self-test", backend)
     return bool(ok)
-  except Exception as e:  # noqa: BLE001 - any failure means "not available"
-    _log.warning("pallas %s grouped matmul unavailable: %s: %s", backend, type(e).__name__, e)
+  except Exception as e:  # noqa: BLE001 - a self-test reports, it does not raise
+    _log.warning("pallas %s grouped matmul self-test failed: %s: %s", backend, type(e).__name__, e)
     return False
 
 
