@@ -15,6 +15,7 @@ measured on the Triton IR the kernels actually lower to (tile loads in the pipel
 """
 
 import logging
+import re
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,10 @@ from conftest import tiny_config
 from joyjax import model
 from joyjax.errors import ConfigError
 from joyjax.kernels import ops, pallas_backend, smem
+from test_kernels import _triton_ir_modules
 
+DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+OLD_GMM_TILES, OLD_GMM_STAGES = (128, 64, 128), 4  # the defaults at commit 7a2033d (measured in issue 11)
 OPS_LOGGER = "joyjax.kernels.ops"
 
 
@@ -161,3 +165,92 @@ def test_auto_is_pallas_when_first_decided_inside_jit_tracing_on_a_gpu(monkeypat
   (record,) = _choice_records(caplog)
   assert "-> pallas" in record.getMessage() and "compute capability 9.0" in record.getMessage()
   assert ops.auto_impl() == "pallas"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Shared memory
+
+
+def test_footprint_formula_reproduces_the_h200_failures():
+  """Old defaults (tiles 128x64x128, 4 stages): float32 gmm fwd / d_lhs = 4 stages x (128*64 + 64*128) x 4 B,
+  bf16 fused SwiGLU d_lhs = 4 x (2*128*64 + 2*128*64) x 2 B: both 262,144 > 232,448, as Triton reported."""
+  f32_gmm = smem.smem_bytes(OLD_GMM_TILES, OLD_GMM_STAGES, 4)
+  bf16_swiglu_dlhs = smem.smem_bytes(OLD_GMM_TILES, OLD_GMM_STAGES, 2, n_lhs=2, n_rhs=2)
+  assert f32_gmm == bf16_swiglu_dlhs == 4 * 16384 * 4 == 262144 > smem.SMEM_LIMIT_BYTES == 232448
+  # the kernels that did run at the old defaults fit: bf16 gmm, bf16 tgmm (3 stages), bf16 fused forward
+  assert smem.smem_bytes(OLD_GMM_TILES, 4, 2) == 4 * 16384 * 2
+  assert smem.smem_bytes((128, 128, 128), 3, 2, tgmm=True) == 3 * 2 * 16384 * 2
+  assert smem.smem_bytes(OLD_GMM_TILES, 4, 2, n_rhs=2) == 4 * (8192 + 16384) * 2 <= smem.SMEM_LIMIT_BYTES
+  # a tile loaded once per step, 1 stage, is dominated by the epilogue's float32 accumulator tile
+  assert smem.smem_bytes((128, 16, 128), 1, 2) == 128 * 128 * 4
+
+
+LIMITS = sorted({smem.SMEM_LIMIT_BYTES, *smem.SMEM_LIMIT_BY_COMPUTE_CAPABILITY.values()})
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("limit", LIMITS)
+def test_every_default_tiling_fits(dtype, limit):
+  tilings = pallas_backend.gpu_kernel_tilings(dtype, smem_limit_bytes=limit)
+  assert set(tilings) == set(pallas_backend.GPU_KERNELS)
+  for name, (tiles, stages, _, nbytes) in tilings.items():
+    assert nbytes <= limit, (name, tiles, stages, nbytes)
+    assert stages >= 2 and all(t >= 32 and t & (t - 1) == 0 for t in tiles), (name, tiles, stages)
+
+
+def test_tilings_that_fit_are_kept_and_bf16_keeps_the_measured_fast_ones():
+  bf16 = pallas_backend.gpu_kernel_tilings(jnp.bfloat16, smem_limit_bytes=smem.SMEM_LIMIT_BYTES)
+  t = pallas_backend.GPU_TILING
+  for name in ("gmm", "gmm_d_lhs", "swiglu", "swiglu_recompute"):  # 131,072 / 196,608 bytes: unchanged
+    assert bf16[name][:2] == (t.gmm, t.num_stages), name
+  assert bf16["tgmm"][:2] == (t.tgmm, t.tgmm_num_stages)
+  assert bf16["swiglu_d_lhs"][:2] == (t.gmm, 3)  # 262,144 at 4 stages: one stage fewer
+
+
+def test_fit_shrinks_stages_first_then_tiles():
+  # float32 tgmm at (128, 128, 128), 3 stages: 393,216 B; 2 stages: 262,144; then the contraction (tm) halves.
+  assert smem.fit_smem((128, 128, 128), 3, 4, 232448, tgmm=True) == ((64, 128, 128), 2)
+  # gmm: the contraction is tk
+  assert smem.fit_smem((128, 64, 128), 4, 4, 232448, n_lhs=2, n_rhs=2) == ((128, 32, 128), 2)
+  assert smem.fit_smem((128, 64, 128), 4, 4, 232448) == ((128, 64, 128), 3)
+  assert smem.fit_smem((128, 64, 128), 4, 2, 232448) == ((128, 64, 128), 4)  # fits: untouched
+  assert smem.fit_smem((128, 64, 128), None, 2, 232448) == ((128, 64, 128), 3)  # None = Triton's default 3
+  with pytest.raises(ValueError, match="no tiling fits"):
+    smem.fit_smem((128, 64, 128), 4, 4, 1000)
+
+
+# The Triton IR of a kernel: 2-D tile loads (result type tensor<RxCx!tt.ptr<T>>); a load from the pointer a
+# later tt.store writes is Pallas' read-before-write of the output block, not a pipelined operand.
+_LOAD = re.compile(r"(%\S+) = tt\.load (%[\w#]+)[^\n]*: tensor<(\d+)x(\d+)x!tt\.ptr<(\w+)>>")
+_BYTES = {"f32": 4, "bf16": 2, "f16": 2}
+
+
+def _ir_footprint(text: str, num_stages: int) -> int:
+  stored = set(re.findall(r"tt\.store (%[\w#]+),", text))
+  tiles = [int(r) * int(c) * _BYTES[t] for _, ptr, r, c, t in _LOAD.findall(text) if ptr not in stored]
+  assert tiles, text[:2000]
+  return num_stages * sum(tiles)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+def test_lowered_kernels_fit_shared_memory(dtype):
+  """Every kernel of gmm / gmm_swiglu forward + VJP, lowered for CUDA at a shape larger than the tiles: the
+  pipelined tile loads in its Triton IR times its num_stages is what the formula says for its tiling, and
+  fits 232,448 bytes (float32 and bf16, the two dtypes that failed on the H200; float16 has bf16's sizes)."""
+  lhs = jax.ShapeDtypeStruct((1000, 200), dtype)  # M, K not tile multiples: the wrapper pads
+  rhs = jax.ShapeDtypeStruct((8, 200, 384), dtype)
+  gs = jax.ShapeDtypeStruct((8,), jnp.int32)
+  ct = jax.ShapeDtypeStruct((1000, 384), dtype)
+
+  def fwd_bwd(l, r, u, g, c):
+    out, vjp = jax.vjp(lambda a, b: pallas_backend.gmm(a, b, g, backend="gpu"), l, r)
+    out2, vjp2 = jax.vjp(lambda a, b, d: pallas_backend.gmm_swiglu(a, b, d, g, backend="gpu"), l, r, u)
+    return out, vjp(c), out2, vjp2(c)
+
+  modules = _triton_ir_modules(fwd_bwd, lhs, rhs, rhs, gs, ct, with_num_stages=True)
+  got = sorted(_ir_footprint(text, stages) for text, stages in sum(modules.values(), []))
+  plan = pallas_backend.gpu_kernel_tilings(dtype, smem_limit_bytes=smem.SMEM_LIMIT_BYTES)
+  # 8 kernels: gmm fwd, d_lhs, swiglu fwd, recompute, swiglu d_lhs; tgmm thrice (d_rhs, d_gate_w, d_up_w)
+  want = sorted([v[3] for v in plan.values()] + [plan["tgmm"][3]] * 2)
+  assert got == want, (got, want)
+  assert max(got) <= smem.SMEM_LIMIT_BYTES

@@ -19,8 +19,11 @@ default on CPU), ``tpu`` = JAX's megablox kernels (``pallas_tpu``). Accumulation
 are tile multiples: a K that is not a tile multiple is therefore exact (padded columns contribute 0), never
 masked.
 
-Where the compiled kernels can run is decided from ``hardware()`` facts (``unsupported_reason``), never by
-running one; ``self_test`` is an explicit check for users and benchmarks.
+On a GPU every kernel (``GPU_KERNELS``) takes the ``Tiling``'s tiles and stages as upper bounds and lowers
+them until its shared-memory footprint (``smem.smem_bytes``) for the operands' dtype fits the device's limit
+(``hardware().smem_limit_bytes``: 232,448 bytes on Hopper). Where the compiled kernels can run at all is
+decided from ``hardware()`` facts (``unsupported_reason``), never by running one; ``self_test`` is an explicit
+check for users and benchmarks.
 """
 
 from __future__ import annotations
@@ -46,7 +49,9 @@ class Tiling:
   """Tile sizes. ``gmm`` = (tm rows, tk contraction, tn output columns) for the forward and ``d_lhs`` kernels;
   ``tgmm`` = (tm rows (the contraction there), tk, tn) for ``d_rhs``. GPU tiles must be powers of two (>= 16).
   ``num_warps`` / ``num_stages`` are Triton settings (ignored on TPU and in interpret mode). Tiles larger than
-  a (power-of-two-rounded) dimension are shrunk to it.
+  a (power-of-two-rounded) dimension are shrunk to it. On a GPU (compiled), tiles and stages are upper bounds:
+  each kernel lowers its stages first, then its tiles, until it fits the device's shared memory for the dtype
+  at hand (``smem.fit_smem``; ``gpu_kernel_tilings`` lists what every kernel runs with).
   """
   gmm: tuple[int, int, int] = (128, 64, 128)
   tgmm: tuple[int, int, int] = (128, 128, 128)
@@ -77,6 +82,7 @@ class _Cfg:
   backend: str
   interpret: bool
   tiling: Tiling
+  smem_limit_bytes: int = smem.SMEM_LIMIT_BYTES
 
 
 def _make_cfg(interpret: bool, tiling, backend: str | None) -> _Cfg:
@@ -87,7 +93,49 @@ def _make_cfg(interpret: bool, tiling, backend: str | None) -> _Cfg:
   tiling = as_tiling(tiling)
   if tiling is None:
     tiling = INTERPRET_TILING if interpret else (TPU_TILING if backend == "tpu" else GPU_TILING)
-  return _Cfg(backend=backend, interpret=bool(interpret), tiling=tiling)
+  limit = smem.SMEM_LIMIT_BYTES if interpret else hardware().smem_limit_bytes
+  return _Cfg(backend=backend, interpret=bool(interpret), tiling=tiling, smem_limit_bytes=limit)
+
+
+# Every Triton kernel the GPU path runs: (number of lhs operands, number of rhs operands, tgmm?) as ``smem``
+# counts them.
+GPU_KERNELS = {
+    "gmm": (1, 1, False),                # forward
+    "gmm_d_lhs": (1, 1, False),          # d_lhs = gmm(d_out, rhs^T), rhs read transposed
+    "tgmm": (1, 1, True),                # d_rhs
+    "swiglu": (1, 2, False),             # fused gate/up + SwiGLU forward
+    "swiglu_recompute": (1, 2, False),   # its VJP: gate and up recomputed in one dual-output kernel
+    "swiglu_d_lhs": (2, 2, False),       # its VJP: d_lhs = d_gate @ gate^T + d_up @ up^T
+}
+
+
+def _gpu_fit(tiles, cfg: _Cfg, itemsize: int, n_lhs: int, n_rhs: int, tgmm: bool):
+  """(tiles, num_stages, num_warps) a GPU kernel runs with: the tiling's, shrunk to fit shared memory."""
+  t = cfg.tiling
+  if tgmm:
+    stages, warps = t.tgmm_num_stages, t.tgmm_num_warps
+  else:
+    stages, warps = t.num_stages, (t.num_warps if n_lhs == n_rhs else t.fused_num_warps)
+  if cfg.interpret:  # no shared memory in the interpreter: the tiles stay as given
+    return tuple(tiles), stages, warps
+  tiles, stages = smem.fit_smem(tiles, stages, itemsize, cfg.smem_limit_bytes, n_lhs=n_lhs, n_rhs=n_rhs,
+                                tgmm=tgmm)
+  return tiles, stages, warps
+
+
+def gpu_kernel_tilings(dtype, tiling: Tiling | None = None, smem_limit_bytes: int | None = None) -> dict:
+  """{kernel: (tiles, num_stages, num_warps, shared-memory bytes)} the compiled GPU kernels run with for
+  ``dtype`` operands whose dimensions are at least the tiles (smaller ones only shrink the tiles further)."""
+  cfg = _Cfg(backend="gpu", interpret=False, tiling=tiling or GPU_TILING,
+             smem_limit_bytes=smem_limit_bytes or hardware().smem_limit_bytes)
+  itemsize = jnp.dtype(dtype).itemsize
+  out = {}
+  for name, (n_lhs, n_rhs, is_tgmm) in GPU_KERNELS.items():
+    base = cfg.tiling.tgmm if is_tgmm else cfg.tiling.gmm
+    tiles, stages, warps = _gpu_fit(base, cfg, itemsize, n_lhs, n_rhs, is_tgmm)
+    out[name] = (tiles, stages, warps,
+                 smem.smem_bytes(tiles, stages, itemsize, n_lhs=n_lhs, n_rhs=n_rhs, tgmm=is_tgmm))
+  return out
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -252,6 +300,9 @@ def _gmm_impl(lhs: Sequence[jax.Array], rhs: Sequence[jax.Array], group_sizes: j
   n = rhs[0].shape[1] if transpose_rhs else rhs[0].shape[2]
   dtype = jnp.result_type(*lhs, *rhs)
   tm, tk, tn = (_fit(t, d, cfg) for t, d in zip(cfg.tiling.gmm, (m, k, n)))
+  if cfg.backend == "gpu":
+    (tm, tk, tn), num_stages, num_warps = _gpu_fit((tm, tk, tn), cfg, jnp.dtype(dtype).itemsize, len(lhs),
+                                                   len(rhs), tgmm=False)
   lhs_p = [_pad(x.astype(dtype), (tm, tk)) for x in lhs]
   rhs_p = [_pad(r.astype(dtype), (None, tn, tk) if transpose_rhs else (None, tk, tn)) for r in rhs]
   mp = lhs_p[0].shape[0]
@@ -260,9 +311,8 @@ def _gmm_impl(lhs: Sequence[jax.Array], rhs: Sequence[jax.Array], group_sizes: j
   if cfg.backend == "gpu":
     outs = pallas_gpu.gmm(
         lhs_p, rhs_p, offsets, tiling=(tm, tk, tn), out_dtypes=out_dtypes, transpose_rhs=transpose_rhs,
-        epilogue=_EPILOGUES[epilogue], precision=_precision(dtype),
-        num_warps=cfg.tiling.num_warps if len(lhs_p) == len(rhs_p) else cfg.tiling.fused_num_warps,
-        num_stages=cfg.tiling.num_stages, interpret=cfg.interpret)
+        epilogue=_EPILOGUES[epilogue], precision=_precision(dtype), num_warps=num_warps,
+        num_stages=num_stages, interpret=cfg.interpret)
   else:
     sizes = jnp.diff(offsets)
     accs = [pallas_tpu.gmm(lhs_p[0 if len(lhs_p) == 1 else i], r, sizes, tiling=(tm, tk, tn),
@@ -283,13 +333,16 @@ def _tgmm_impl(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, cfg: _Cf
   g = group_sizes.shape[0]
   dtype = jnp.result_type(lhs, dout)
   tm, tk, tn = (_fit(t, d, cfg) for t, d in zip(cfg.tiling.tgmm, (m, k, n)))
+  if cfg.backend == "gpu":
+    (tm, tk, tn), num_stages, num_warps = _gpu_fit((tm, tk, tn), cfg, jnp.dtype(dtype).itemsize, 1, 1,
+                                                   tgmm=True)
   lhs_p = _pad(lhs.astype(dtype), (tm, tk))
   dout_p = _pad(dout.astype(dtype), (tm, tn))
   offsets = pallas_gpu.group_offsets(group_sizes, m)
   if cfg.backend == "gpu":
     out = pallas_gpu.tgmm(lhs_p, dout_p, offsets, num_groups=g, tiling=(tm, tk, tn), out_dtype=out_dtype,
-                          precision=_precision(dtype), num_warps=cfg.tiling.tgmm_num_warps,
-                          num_stages=cfg.tiling.tgmm_num_stages, interpret=cfg.interpret)
+                          precision=_precision(dtype), num_warps=num_warps, num_stages=num_stages,
+                          interpret=cfg.interpret)
   else:
     out = pallas_tpu.tgmm(lhs_p, dout_p, jnp.diff(offsets), tiling=(tm, tk, tn), out_dtype=out_dtype,
                           interpret=cfg.interpret)
