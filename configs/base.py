@@ -90,6 +90,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Fraction of the training corpus's documents held out for evaluation and never trained on (0 = none): the
   # same documents in every run (chosen by a hash of the document index). Not together with data.eval_path.
   d.eval_fraction = 0.0
+  # Chat template (SFT / DPO): "" = the tokenizer directory's chat_template (tokenizer_config.json or
+  # chat_template.jinja) if it ships one, else the built-in DeepSeek-V3-shaped one; "builtin"; or a path to either.
+  d.chat_template = ""
 
   # ---------------------------------------------------------------- preference optimization (joyjax dpo)
   # Rows {"prompt" | "messages", "chosen", "rejected"} in data.path (JSON lines); see joyjax/data/dpo.py.
@@ -101,6 +104,13 @@ def get_config() -> ml_collections.ConfigDict:
   po.pairs_per_batch = 0           # pair slots per global batch (0 = train.batch_size); rows: train.batch_size
   po.overlong = "truncate"         # a pair longer than data.seq_len: truncate (prompt tail, response head) | skip
   po.thinking = True               # thinking mode for rows without a "thinking" field
+
+  # ---------------------------------------------------------------- supervised fine-tuning (joyjax sft)
+  # Rows {"messages": [...]} or {"prompt", "response"[, "reasoning"]} in data.path; see joyjax/data/sft.py.
+  s = c.sft = ml_collections.ConfigDict()
+  s.thinking_ratio = 0.5           # share of conversations with reasoning rendered thinking (a row's "thinking" wins)
+  s.train_on = "assistant"         # tokens with loss: assistant (every assistant turn) | last (final one) | all
+  s.overlong = "truncate"          # conversation over data.seq_len + 1 tokens: truncate (keep the first ones) | skip
 
   # ---------------------------------------------------------------- optimizer
   o = c.optim = ml_collections.ConfigDict()

@@ -19,6 +19,12 @@ Formats (``data.format``; ``auto`` picks per file by extension, see ``detect_for
 ``data.path`` is a comma-separated list of files, directories (read recursively) and globs; ``gs://`` and
 other remote schemes go through ``etils.epath`` where the matching filesystem package is installed.
 
+Whole rows (``open_rows``): conversation and preference data need every field of a row, not one text field.
+A source opened with ``text_key=None`` returns each row as a ``dict`` (a JSON object; a Parquet row with
+all its columns, nested lists and structs as Python lists and dicts; an ArrayRecord JSON record). Plain text
+files hold documents, not rows, and cannot be opened this way. ``DocumentSource.where(i)`` names row i
+("file, line 5") for error messages raised after the row was read.
+
 A malformed row (bad JSON, missing text field, text that is not a string or not UTF-8) raises
 ``DataError`` naming the file, the row and the fix; with ``skip_malformed=True`` the source returns
 ``None`` for it (grain's ``to_iter_dataset`` drops ``None``) and counts it in ``skipped`` / ``metrics()``.
@@ -224,13 +230,16 @@ class _ByteReader:
       pass
 
 
-def _text_from_json(raw: bytes, text_key: str) -> str:
+def _text_from_json(raw: bytes, text_key: str | None) -> str | dict:
+  """The text field ``text_key`` of a JSON row, or the whole row (a dict) when ``text_key`` is None."""
   try:
     obj = json.loads(raw)
   except (ValueError, UnicodeDecodeError) as e:
     raise _Malformed(f"invalid JSON ({e})") from None
   if not isinstance(obj, dict):
     raise _Malformed(f"expected a JSON object, got {type(obj).__name__}")
+  if text_key is None:
+    return obj
   if text_key not in obj:
     fields = ", ".join(sorted(map(str, obj))[:10])
     raise _Malformed(f"no field {text_key!r} (fields: {fields}); "
@@ -292,10 +301,12 @@ class _ParquetShard:
     self._cache: OrderedDict = OrderedDict()
     pf = self._file()
     schema = pf.schema_arrow
-    if text_key not in schema.names:
+    if text_key is None:  # whole rows: every column
+      pass
+    elif text_key not in schema.names:
       raise DataError(f"{path}: no column {text_key!r} (columns: {', '.join(schema.names)}); "
                       "set data.text_key to the column holding the text")
-    t = schema.field(text_key).type
+    t = schema.field(text_key).type if text_key is not None else pa.string()
     if not (pa.types.is_string(t) or pa.types.is_large_string(t) or str(t) == "string_view"):
       raise DataError(f"{path}: column {text_key!r} has type {t}, not string; "
                       "set data.text_key to a string column")
@@ -323,17 +334,22 @@ class _ParquetShard:
   def name(self, j: int) -> str:
     return self.path
 
-  def read(self, j: int) -> str | None:
+  def read(self, j: int) -> str | dict | None:
     g = int(np.searchsorted(self._offsets, j, side="right")) - 1
     with self._lock:  # ParquetFile is not thread-safe; the cache is shared by prefetch threads
       col = self._cache.get(g)
       if col is None:
-        col = self._file().read_row_group(g, columns=[self.text_key]).column(0).combine_chunks()
+        if self.text_key is None:  # whole rows: the row group as a table
+          col = self._file().read_row_group(g)
+        else:
+          col = self._file().read_row_group(g, columns=[self.text_key]).column(0).combine_chunks()
         self._cache[g] = col
         while len(self._cache) > self.cache_row_groups:
           self._cache.popitem(last=False)
       else:
         self._cache.move_to_end(g)
+    if self.text_key is None:
+      return col.slice(j - int(self._offsets[g]), 1).to_pylist()[0]
     text = col[j - int(self._offsets[g])].as_py()
     if text is None:
       raise _Malformed(f"column {self.text_key!r} is null")
@@ -392,7 +408,7 @@ class _ArrayRecordShard:
 
   def read(self, j: int) -> str | None:
     raw = self._ds[j]
-    if self._json:
+    if self._json or self.text_key is None:  # whole rows are JSON records
       return _text_from_json(raw, self.text_key)
     try:
       return raw.decode("utf-8")
@@ -409,7 +425,7 @@ class DocumentSource:
   ``source[i]`` is document i in file order (files in the order ``data.path`` lists them, globs and
   directories sorted). It is ``None`` for a blank JSON line, and for a malformed row when
   ``skip_malformed`` is set (that row is then counted once in ``skipped``); otherwise a malformed row
-  raises ``DataError``.
+  raises ``DataError``. Opened for whole rows (``open_rows``), the elements are dicts instead of strings.
   """
 
   def __init__(self, shards: Sequence, *, skip_malformed: bool = False):
@@ -443,7 +459,14 @@ class DocumentSource:
   def __repr__(self) -> str:
     return f"DocumentSource({len(self)} rows in {len(self.files)} files)"
 
-  def __getitem__(self, index) -> str | None:
+  def where(self, index) -> str:
+    """Row ``index`` for messages: "file, line 5" (JSON lines), "file, row 5" (Parquet) or the text file."""
+    i = int(index)
+    k = bisect.bisect_right(self._starts, i) - 1
+    shard, j = self.shards[k], i - self._starts[k]
+    return f"{shard.name(j)}, {shard.unit} {j + 1}" if shard.unit != "file" else shard.name(j)
+
+  def __getitem__(self, index) -> str | dict | None:
     i = int(index)
     if not 0 <= i < len(self):
       raise IndexError(f"document index {i} out of range for {len(self)} rows")
@@ -452,7 +475,7 @@ class DocumentSource:
     try:
       return shard.read(j)
     except _Malformed as e:
-      where = f"{shard.name(j)}, {shard.unit} {j + 1}" if shard.unit != "file" else shard.name(j)
+      where = self.where(i)
       if not self.skip_malformed:
         raise DataError(f"{where}: {e}; {_FIX}") from None
       with self._lock:
@@ -468,9 +491,12 @@ class DocumentSource:
     return {"data/skipped_malformed": self.skipped}
 
 
-def _make_shards(files: Sequence[tuple[str, str]], text_key: str) -> list:
+def _make_shards(files: Sequence[tuple[str, str]], text_key: str | None) -> list:
   shards, texts = [], []
   for f, kind in files:
+    if kind == "text" and text_key is None:
+      raise DataError(f"{f}: a plain-text file holds one document, not rows of fields; give JSON lines, Parquet "
+                      "or ArrayRecord (JSON records) files")
     if kind == "text":  # consecutive text files share one shard: one row per file
       texts.append(f)
       continue
@@ -500,6 +526,11 @@ def open_source(path: str, *, format: str = "auto", text_key: str = "text",
                 skip_malformed: bool = False) -> DocumentSource:
   """Opens ``path`` (comma-separated files / directories / globs) as one ``DocumentSource``."""
   return DocumentSource(_make_shards(expand_paths(path, format), text_key), skip_malformed=skip_malformed)
+
+
+def open_rows(path: str, *, format: str = "auto", skip_malformed: bool = False) -> DocumentSource:
+  """Opens ``path`` (as ``open_source``) for whole rows: each element is the row as a dict (module docstring)."""
+  return DocumentSource(_make_shards(expand_paths(path, format), None), skip_malformed=skip_malformed)
 
 
 def JsonlSource(paths: str, *, text_key: str = "text", skip_malformed: bool = False) -> DocumentSource:
