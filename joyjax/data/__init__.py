@@ -8,8 +8,24 @@ Typical use (the trainer)::
     batch = next(it)                                   # int32 [per_process_batch, seq_len] arrays
     state = it.get_state()                             # JSON-able; save with the checkpoint
     it.set_state(state)                                # exact resume
+
+Supervised fine-tuning reads conversations instead (``chat.py``: the chat format; ``sft.py``: the pipeline)::
+
+    it = make_sft_iterator(config, tok, process_index=..., process_count=...)   # the same LM_KEYS batches
+    r = render(messages, tok, thinking=True)           # ids, loss_mask (assistant tokens), text
 """
 
+from joyjax.data.chat import (
+    ChatTemplate,
+    Rendered,
+    add_chat_tokens,
+    load_template,
+    parse,
+    render,
+    render_prompt,
+    template_from_config,
+    to_messages,
+)
 from joyjax.data.corpus import build_embedded_corpus, select_stdlib_files
 from joyjax.data.packing import PackIterDataset, to_example
 from joyjax.data.pipeline import (
@@ -28,8 +44,10 @@ from joyjax.data.sources import (
     TextSource,
     detect_format,
     expand_paths,
+    open_rows,
     open_source,
 )
+from joyjax.data.sft import SftIterator, make_sft_dataset, make_sft_eval_dataset, make_sft_iterator
 from joyjax.data.tokenizer import (
     BOS,
     EOS,
@@ -42,9 +60,11 @@ from joyjax.data.tokenizer import (
 )
 
 __all__ = [
-    "ArrayRecordSource", "BOS", "DataError", "DataIterator", "DocumentSource", "EOS",
-    "JsonlSource", "PAD", "PackIterDataset", "ParquetSource", "TextSource", "Tokenizer",
-    "build_embedded_corpus", "build_tokenizer", "cached_train_tokenizer", "check_vocab_fits",
-    "detect_format", "expand_paths", "load_tokenizer", "make_dataset", "make_iterator", "open_corpus",
-    "open_source", "select_stdlib_files", "to_example", "train_tokenizer",
+    "ArrayRecordSource", "BOS", "ChatTemplate", "DataError", "DataIterator", "DocumentSource", "EOS",
+    "JsonlSource", "PAD", "PackIterDataset", "ParquetSource", "Rendered", "SftIterator", "TextSource", "Tokenizer",
+    "add_chat_tokens", "build_embedded_corpus", "build_tokenizer", "cached_train_tokenizer", "check_vocab_fits",
+    "detect_format", "expand_paths", "load_template", "load_tokenizer", "make_dataset", "make_iterator",
+    "make_sft_dataset", "make_sft_eval_dataset", "make_sft_iterator", "open_corpus", "open_rows", "open_source",
+    "parse", "render", "render_prompt", "select_stdlib_files", "template_from_config", "to_example",
+    "to_messages", "train_tokenizer",
 ]
