@@ -20,13 +20,13 @@ Built-in template (the shape of DeepSeek-V3's; ``BUILTIN_JINJA`` is the same tem
   DeepSeek-V3's own template: an assistant turn after tool results still opens with ``<｜Assistant｜>``, and
   earlier turns keep their reasoning (so rendering then ``parse`` gives back the whole conversation).
 
-Thinking and non-thinking mode (``thinking=``, per call): the mode is chosen by the generation prompt, never
-by the model. Thinking mode opens the assistant turn with ``<｜Assistant｜><think>`` and the model writes
-``{reasoning}</think>{content}{eos}``; non-thinking mode renders an EMPTY think block ``<｜Assistant｜><think>
-</think>`` (no space) and the model writes ``{content}{eos}``; the reasoning of every turn is dropped. The
-opening (``<｜Assistant｜><think>`` or ``<｜Assistant｜><think></think>``) is the prompt's, so it is never
-trained: a model trained on both modes cannot be unsure which mode it is in, and ``render_prompt`` ends with
-exactly that opening.
+Thinking and non-thinking mode (``thinking=``, per call) are chosen by the prompt, never by the model. In
+thinking mode an assistant turn opens with ``<｜Assistant｜><think>`` and the model writes
+``{reasoning}</think>{content}{eos}``; in non-thinking mode it opens with an EMPTY think block,
+``<｜Assistant｜><think></think>``, the model writes ``{content}{eos}``, and the reasoning of every turn is
+dropped. The opening belongs to the prompt and is never trained: a model trained on both modes is always told
+which one it is in (were the empty block trained, ``<think>`` would be followed by reasoning or by ``</think>``
+at the model's whim), and ``render_prompt`` ends with exactly that opening.
 
 Loss masks: ``render`` produces the text and the character spans of the trainable parts, then tokenizes the
 whole text ONCE with offsets (``Tokenizer.hf``: special-token matching on, so markers that are special tokens
