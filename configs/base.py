@@ -70,6 +70,12 @@ def get_config() -> ml_collections.ConfigDict:
   t = m.mtp = ml_collections.ConfigDict()
   t.num_layers = 1                 # multi-token prediction modules (0 disables)
 
+  lo = m.lora = ml_collections.ConfigDict()
+  lo.rank = 0                      # LoRA rank r (0 = off); on: only the adapters train, every base weight is frozen
+  lo.alpha = 16.0                  # adapter output scale alpha / r: y = x W + (alpha / r) (x A) B
+  lo.targets = "attention,dense,shared"  # adapted weights, comma separated: attention, dense, shared, routed
+  lo.base_dtype = "bfloat16"       # storage dtype of the frozen base weights when rank > 0 (adapters: param_dtype)
+
   # ---------------------------------------------------------------- data
   d = c.data = ml_collections.ConfigDict()
   d.path = ""                      # "" = the embedded corpus; else file path(s) / glob(s), comma separated

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from joyjax.model import adapters
 from joyjax.model.blockwise import NEG_INF, blockwise_attention
 from joyjax.model.layers import RMSNorm, apply_rope, param, rope_frequencies, softmax_scale
 
@@ -42,6 +43,10 @@ class MLA(nnx.Module):
                       std=std, dtype=param_dtype, inputs=("kv_lora",))
     self.o = param(rngs, (a.num_heads, self.v_dim, h), ("heads", "head_dim", "embed"), std=std, dtype=param_dtype,
                    inputs=("heads", "head_dim"))
+    lora = adapters.settings(cfg)
+    if lora and lora.on("attention"):
+      for name in ("q_a", "q_b", "kv_a", "kv_b", "o") if self.q_lora else ("q", "kv_a", "kv_b", "o"):
+        adapters.add_adapter(self, name, lora, rngs)
     inv_freq, self.rope_factor = rope_frequencies(cfg.rope, self.rope_dim)
     self.inv_freq = tuple(float(f) for f in inv_freq)  # static: part of the graph definition
     self.interleave = bool(cfg.rope.interleave)
@@ -52,17 +57,20 @@ class MLA(nnx.Module):
   def _w(self, p):
     return p[...].astype(self.dtype)
 
+  def _lora(self, name, x, y):
+    return adapters.apply(self, name, x, y, self.dtype)
+
   def _project(self, x, positions):
     """Queries (nope, rotated rope parts), the normed latent c and the rotated shared key part."""
     if self.q_lora:
-      q = self.q_a_norm(x @ self._w(self.q_a))
-      q = jnp.einsum("bsr,rhd->bshd", q, self._w(self.q_b))
+      q = self.q_a_norm(self._lora("q_a", x, x @ self._w(self.q_a)))
+      q = self._lora("q_b", q, jnp.einsum("bsr,rhd->bshd", q, self._w(self.q_b)))
     else:
-      q = jnp.einsum("bse,ehd->bshd", x, self._w(self.q))
+      q = self._lora("q", x, jnp.einsum("bse,ehd->bshd", x, self._w(self.q)))
     q_nope, q_rope = q[..., :self.nope], q[..., self.nope:]
     inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
     q_rope = apply_rope(q_rope, positions, inv_freq, self.rope_factor, self.interleave)
-    kv = x @ self._w(self.kv_a)
+    kv = self._lora("kv_a", x, x @ self._w(self.kv_a))
     c = self.kv_a_norm(kv[..., :self.kv_lora])
     k_rope = apply_rope(kv[..., self.kv_lora:], positions, inv_freq, self.rope_factor, self.interleave)
     return q_nope, q_rope, c, k_rope
@@ -77,14 +85,14 @@ class MLA(nnx.Module):
     return self._absorbed(q_nope, q_rope, c, k_rope, cache)
 
   def _expanded(self, q_nope, q_rope, c, k_rope, segment_ids):
-    kv = jnp.einsum("bsc,chd->bshd", c, self._w(self.kv_b))
+    kv = self._lora("kv_b", c, jnp.einsum("bsc,chd->bshd", c, self._w(self.kv_b)))
     k_nope, v = kv[..., :self.nope], kv[..., self.nope:]
     if self.impl == "blockwise":
       q = jnp.concatenate([q_nope, q_rope], axis=-1)
       k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], k_nope.shape[:3] + k_rope.shape[-1:])],
                           axis=-1)
       out = blockwise_attention(q, k, v, segment_ids, scale=self.scale, block_q=self.block, block_k=self.block)
-      return jnp.einsum("bqhd,hde->bqe", out, self._w(self.o))
+      return self._lora("o", out, jnp.einsum("bqhd,hde->bqe", out, self._w(self.o)))
     scores = (jnp.einsum("bqhd,bkhd->bhqk", q_nope, k_nope, preferred_element_type=jnp.float32)
               + jnp.einsum("bqhd,bkd->bhqk", q_rope, k_rope, preferred_element_type=jnp.float32))
     s = scores.shape[-1]
@@ -93,13 +101,13 @@ class MLA(nnx.Module):
     mask = (causal[None] & same_doc)[:, None]
     probs = jax.nn.softmax(jnp.where(mask, scores * self.scale, NEG_INF), axis=-1)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
-    return jnp.einsum("bqhd,hde->bqe", out, self._w(self.o))
+    return self._lora("o", out, jnp.einsum("bqhd,hde->bqe", out, self._w(self.o)))
 
   def _absorbed(self, q_nope, q_rope, c, k_rope, cache):
     idx = cache["index"]
     c_all = jax.lax.dynamic_update_slice_in_dim(cache["c"], c.astype(cache["c"].dtype), idx, axis=1)
     kr_all = jax.lax.dynamic_update_slice_in_dim(cache["k_rope"], k_rope.astype(cache["k_rope"].dtype), idx, axis=1)
-    w_kb = self._w(self.kv_b)
+    w_kb = adapters.merged_weight(self, "kv_b", self.dtype)  # absorbed: the adapter folded into the weight
     w_uk, w_uv = w_kb[..., :self.nope], w_kb[..., self.nope:]
     q_lat = jnp.einsum("bshd,chd->bshc", q_nope, w_uk)  # queries moved into the latent space
     scores = (jnp.einsum("bshc,btc->bhst", q_lat, c_all.astype(self.dtype), preferred_element_type=jnp.float32)
@@ -110,5 +118,5 @@ class MLA(nnx.Module):
     probs = jax.nn.softmax(jnp.where(mask[None, None], scores * self.scale, NEG_INF), axis=-1)
     out_lat = jnp.einsum("bhst,btc->bshc", probs.astype(self.dtype), c_all.astype(self.dtype))
     out = jnp.einsum("bshc,chd->bshd", out_lat, w_uv)
-    out = jnp.einsum("bshd,hde->bse", out, self._w(self.o))
+    out = self._lora("o", out, jnp.einsum("bshd,hde->bse", out, self._w(self.o)))
     return out, {"c": c_all, "k_rope": kr_all, "index": idx}

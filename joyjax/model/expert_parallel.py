@@ -41,8 +41,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from joyjax import kernels
 from joyjax.axes import DEFAULT_RULES, EXPERT_AXIS, batch_axes as rule_batch_axes
+from joyjax.model import adapters
 
 
 
@@ -123,14 +123,17 @@ def capacity(tokens_local: int, top_k: int, ep: int, capacity_factor: float) -> 
 
 def expert_parallel_experts(flat, weights, ids, wi_gate, wi_up, wo, *, mesh, num_experts: int,
                             capacity_factor: float = 0.0, impl: str = "auto", dtype=None,
-                            fuse_swiglu: bool = False, token_axes: tuple[str, ...] | None = None):
+                            fuse_swiglu: bool = False, token_axes: tuple[str, ...] | None = None,
+                            lora: tuple | None = None, lora_scale: float = 0.0):
   """Routed experts with the experts sharded over mesh axis ``expert``.
 
   flat: [T, H] tokens; weights: [T, k] routing weights; ids: [T, k] int expert ids in [0, num_experts);
   wi_gate, wi_up: [E, H, F]; wo: [E, F, H]; mesh: a ``Mesh`` or ``AbstractMesh`` with an ``expert`` axis
   dividing ``num_experts``; dtype: compute dtype of the expert matmuls (default ``flat.dtype``); fuse_swiglu:
   gate/up projections and SwiGLU in one Pallas kernel (``model.moe.fuse_swiglu``; Pallas impls only);
-  token_axes: the mesh axes a batch is split over (the ``batch`` rule of ``mesh.rules``; None = the default).
+  token_axes: the mesh axes a batch is split over (the ``batch`` rule of ``mesh.rules``; None = the default);
+  lora: the routed experts' LoRA adapters (``adapters.routed_adapters``: six [E, ...] arrays, sharded over
+  ``expert`` like the weights) scaled by ``lora_scale``, or None.
 
   Returns (out [T, H] float32: ``out[t] = sum_s weights[t, s] * expert_{ids[t, s]}(flat[t])`` over the rows
   that were not dropped; dropped [] float32: the global number of dropped (token, slot) rows, 0 if dropless).
@@ -160,13 +163,13 @@ def expert_parallel_experts(flat, weights, ids, wi_gate, wi_up, wo, *, mesh, num
   local_experts = num_experts // ep
 
   body = _local_body(ep=ep, local_experts=local_experts, cap=cap, impl=impl, axes=axes, dtype=dtype,
-                     fuse_swiglu=fuse_swiglu)
+                     fuse_swiglu=fuse_swiglu, lora_scale=lora_scale)
   tok = P(axes if axes else None, None)
   wspec = P(EXPERT_AXIS, None, None)
-  w = [a.astype(dtype) for a in (wi_gate, wi_up, wo)]
+  w = [a.astype(dtype) for a in (wi_gate, wi_up, wo) + tuple(lora or ())]
   valid = (jnp.arange(t + pad) < t)[:, None]
   args = [flat.astype(dtype), weights, ids.astype(jnp.int32), valid, *w]
-  specs = (tok,) * 4 + (wspec,) * 3
+  specs = (tok,) * 4 + (wspec,) * len(w)
   if explicit:
     args = [_reshard(a, s, mesh) for a, s in zip(args, specs)]
   out, dropped = _shard_map(body, mesh=mesh, in_specs=specs, out_specs=(tok, P()))(*args)
@@ -181,10 +184,11 @@ def _inverse(perm):
   return jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=perm.dtype))
 
 
-def _local_body(*, ep: int, local_experts: int, cap: int, impl: str, axes, dtype, fuse_swiglu: bool = False):
+def _local_body(*, ep: int, local_experts: int, cap: int, impl: str, axes, dtype, fuse_swiglu: bool = False,
+                lora_scale: float = 0.0):
   """The per-shard program: dispatch -> all_to_all -> local experts -> all_to_all back -> combine."""
 
-  def body(x, weights, ids, valid, wi_gate, wi_up, wo):
+  def body(x, weights, ids, valid, wi_gate, wi_up, wo, *lora):
     tl, k = ids.shape
     rows = tl * k
     e = ids.reshape(-1)
@@ -215,8 +219,8 @@ def _local_body(*, ep: int, local_experts: int, cap: int, impl: str, axes, dtype
     perm = jnp.argsort(recv_e, stable=True)
     x_sorted = jnp.take(recv_x, perm, axis=0)
     group_sizes = jnp.sum(recv_e[:, None] == jnp.arange(local_experts)[None, :], axis=0).astype(jnp.int32)
-    h = kernels.grouped_swiglu(x_sorted, wi_gate, wi_up, group_sizes, impl=impl, fused=fuse_swiglu)
-    y_sorted = kernels.grouped_matmul(h, wo, group_sizes, impl=impl)
+    y_sorted = adapters.expert_mlp(x_sorted, wi_gate, wi_up, wo, group_sizes, impl=impl, fused=fuse_swiglu,
+                                   lora=lora or None, scale=lora_scale)
     y = jnp.take(y_sorted, _inverse(perm), axis=0)
     back = a2a(y)  # [ep * cap, H]: back[j * cap + c] answers send slot (j, c)
 

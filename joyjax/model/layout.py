@@ -2,8 +2,9 @@
 
 * ``param_info(cfg)``: per parameter, the metadata its layer declared when creating it (``layers.param``):
   logical axes, the Muon input axes (or None), weight decay, whether it is a routed expert's weight, and
-  whether it is the router's selection bias (a statistic the trainer moves, never a gradient parameter).
-  The optimizer labels, the shardings, the planner and the parameter counts read it.
+  whether it is the router's selection bias (a statistic the trainer moves, never a gradient parameter),
+  whether the optimizer trains it (with LoRA on, only the adapters) and, for a LoRA adapter, its side and
+  the weight it adapts. The optimizer labels, the shardings, the planner and the parameter counts read it.
 * ``aux_summary(aux)``: the forward pass's per-stack MoE statistics reduced to what the losses and metrics use.
 * ``update_router_biases(params, expert_counts, rate)``: the aux-loss-free bias update of every MoE layer
   (decoder and MTP) from its own token counts.
@@ -20,7 +21,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from joyjax.model.layers import RouterBias
-from joyjax.model.transformer import MTP_STACK, STACKS, abstract_module, abstract_params, model_cfg, parts
+from joyjax.model.transformer import (MTP_STACK, STACKS, abstract_module, abstract_params, lora_enabled, model_cfg,
+                                      parts)
 from joyjax.tree import path_names
 
 
@@ -32,28 +34,37 @@ class ParamInfo:
   decay: bool                              # decoupled weight decay applies
   routed: bool                             # a routed expert's weight (top-k of E active per token)
   frozen: bool                             # the router's selection bias: moved by the trainer, not the optimizer
+  # What the optimizer updates: everything but the router bias; with LoRA on (model.lora.rank > 0) only the
+  # adapters (every base weight is then frozen: no update, no optimizer state, no gradient).
+  trainable: bool = True
+  adapter: str | None = None               # LoRA: 'a' ([*inputs, r]) or 'b' ([r, *outputs]) of an adapter
+  adapts: str | None = None                # LoRA: the name of the sibling weight the adapter modifies
 
 
 def is_info(x) -> bool:
   return isinstance(x, ParamInfo)
 
 
-def _info(v: nnx.Variable, stacked: bool) -> ParamInfo:
+def _info(v: nnx.Variable, stacked: bool, lora: bool) -> ParamInfo:
   md = v.get_metadata()
   axes = tuple(md["logical_axes"])
   axes = ("layers",) + axes if stacked else axes
   if isinstance(v, RouterBias):  # a statistic: no optimizer, no decay
-    return ParamInfo(axes=axes, muon_inputs=None, decay=False, routed=False, frozen=True)
-  return ParamInfo(axes=axes, muon_inputs=md["muon_inputs"], decay=md["decay"], routed=md["routed"], frozen=False)
+    return ParamInfo(axes=axes, muon_inputs=None, decay=False, routed=False, frozen=True, trainable=False)
+  adapter = md.get("adapter")  # only adapters declare it (adapters.add_adapter)
+  return ParamInfo(axes=axes, muon_inputs=md["muon_inputs"], decay=md["decay"], routed=md["routed"], frozen=False,
+                   trainable=adapter is not None or not lora, adapter=adapter, adapts=md.get("adapts"))
 
 
 def param_info(cfg) -> dict:
   """``ParamInfo`` of every parameter: the same tree as ``model.init(cfg, key)``."""
   m = model_cfg(cfg)
+  lora = lora_enabled(m)
   out = {}
   for name in parts(m):
     state = nnx.state(abstract_module(m, name))
-    info = jax.tree.map(lambda v, s=name in STACKS: _info(v, s), state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    info = jax.tree.map(lambda v, s=name in STACKS: _info(v, s, lora), state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
     out[name] = nnx.to_pure_dict(info) if isinstance(info, nnx.State) else info
   return out
 
@@ -119,12 +130,14 @@ def count_params(cfg) -> dict:
   """Counts of the main model (MTP modules reported apart, as published counts exclude them).
 
   ``activated`` counts, per token, the top-k routed experts of each MoE layer instead of all of them. The router
-  bias is a statistic, not a parameter, and is not counted.
+  bias is a statistic, not a parameter, and is not counted. LoRA adapters are not part of the model's counts:
+  ``lora_adapters`` counts them (MTP included), the parameters a LoRA run trains.
   """
   e = model_cfg(cfg).moe
   flat = jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]
   info = jax.tree.leaves(param_info(cfg), is_leaf=is_info)
-  rows = [(path_names(p)[0], x, i) for (p, x), i in zip(flat, info) if not i.frozen]
+  lora = _size([x for (_, x), i in zip(flat, info) if i.adapter])
+  rows = [(path_names(p)[0], x, i) for (p, x), i in zip(flat, info) if not i.frozen and not i.adapter]
   main = [(s, x, i) for s, x, i in rows if s != MTP_STACK]
   mtp = [(s, x, i) for s, x, i in rows if s == MTP_STACK]
   inactive = lambda part: sum(_size([x]) - _size([x]) * e.num_experts_per_tok // max(e.num_experts, 1)
@@ -137,7 +150,7 @@ def count_params(cfg) -> dict:
       "total": total, "total_without_embeddings": total - embeddings,
       "activated": activated, "activated_without_embeddings": activated - embeddings,
       "embeddings": embeddings, "routed_experts": _size([x for _, x, i in main if i.routed]),
-      "mtp_total": mtp_total, "mtp_activated": mtp_total - inactive(mtp),
+      "mtp_total": mtp_total, "mtp_activated": mtp_total - inactive(mtp), "lora_adapters": lora,
   }
 
 
@@ -146,4 +159,6 @@ def format_counts(counts: dict) -> str:
           ("activated per token", "activated"), ("activated, no embeddings", "activated_without_embeddings"),
           ("embeddings + head", "embeddings"), ("routed experts", "routed_experts"),
           ("MTP modules (apart)", "mtp_total"), ("MTP activated", "mtp_activated")]
+  if counts.get("lora_adapters"):
+    rows.append(("LoRA adapters (trained)", "lora_adapters"))
   return "\n".join(f"{label:<26}{counts[k]:>16,d}  ({counts[k] / 1e9:7.3f} B)" for label, k in rows)

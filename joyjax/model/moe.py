@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from joyjax import kernels
+from joyjax.model import adapters
 from joyjax.model import expert_parallel as ep_lib
 from joyjax.model.layers import RouterBias, param
 
@@ -15,16 +16,22 @@ from joyjax.model.layers import RouterBias, param
 class MLP(nnx.Module):
   """SwiGLU MLP: down(silu(gate x) * up x). Used for dense layers and the shared expert."""
 
-  def __init__(self, hidden: int, inter: int, *, std: float, rngs: nnx.Rngs, dtype, param_dtype):
+  def __init__(self, hidden: int, inter: int, *, std: float, rngs: nnx.Rngs, dtype, param_dtype,
+               lora: adapters.LoRA | None = None):
     self.gate = param(rngs, (hidden, inter), ("embed", "mlp"), std=std, dtype=param_dtype, inputs=("embed",))
     self.up = param(rngs, (hidden, inter), ("embed", "mlp"), std=std, dtype=param_dtype, inputs=("embed",))
     self.down = param(rngs, (inter, hidden), ("mlp", "embed"), std=std, dtype=param_dtype, inputs=("mlp",))
     self.dtype = dtype
+    if lora is not None:  # the owner decides (model.lora.targets: dense / shared)
+      adapters.add_adapter(self, "gate", lora, rngs)
+      adapters.add_adapter(self, "up", lora, rngs)
+      adapters.add_adapter(self, "down", lora, rngs)
 
   def __call__(self, x):
     d = self.dtype
-    h = jax.nn.silu(x @ self.gate[...].astype(d)) * (x @ self.up[...].astype(d))
-    return h @ self.down[...].astype(d)
+    lin = lambda name, v: adapters.apply(self, name, v, v @ getattr(self, name)[...].astype(d), d)  # noqa: E731
+    h = jax.nn.silu(lin("gate", x)) * lin("up", x)
+    return lin("down", h)
 
 
 def route(logits: jax.Array, bias: jax.Array, *, top_k: int, n_group: int, topk_group: int,
@@ -73,9 +80,13 @@ class MoE(nnx.Module):
     self.wi_up = param(rngs, shape_in, ("expert", "embed", "mlp"), inputs=("embed",), **expert)
     self.wo = param(rngs, shape_out, ("expert", "mlp", "embed"), inputs=("mlp",), **expert)
     self.has_shared = bool(e.num_shared_experts)
+    lora = adapters.settings(cfg)
     if self.has_shared:
       self.shared = MLP(h, e.intermediate_size * e.num_shared_experts, std=std, rngs=rngs, dtype=dtype,
-                        param_dtype=param_dtype)
+                        param_dtype=param_dtype, lora=lora if lora and lora.on("shared") else None)
+    if lora and lora.on("routed"):
+      for name in adapters.EXPERT_WEIGHTS:
+        adapters.add_adapter(self, name, lora, rngs)
 
   def __call__(self, x, token_axes=None):
     """x: [b, s, embed] -> (out [b, s, embed], aux) with aux['expert_counts'] [E] (tokens routed to each
@@ -104,15 +115,18 @@ class MoE(nnx.Module):
     mesh axes of the config's ``batch`` rule (None: the default rule); otherwise one shard computes them all."""
     d = self.dtype
     mesh = ep_lib.current_mesh()
+    lora = adapters.routed_adapters(self, d)
+    scale = getattr(self, "lora_scale", 0.0)
     if ep_lib.expert_axis_size(mesh) > 1:
       w = (self.wi_gate[...], self.wi_up[...], self.wo[...])
       return ep_lib.expert_parallel_experts(flat, weights, ids, *w, mesh=mesh, num_experts=self.num_experts,
                                             capacity_factor=self.capacity_factor, impl=self.impl, dtype=d,
-                                            fuse_swiglu=self.fuse_swiglu, token_axes=token_axes)
+                                            fuse_swiglu=self.fuse_swiglu, token_axes=token_axes, lora=lora,
+                                            lora_scale=scale)
     x_sorted, group_sizes, order = kernels.permute(flat, ids, self.num_experts)
-    h = kernels.grouped_swiglu(x_sorted, self.wi_gate[...].astype(d), self.wi_up[...].astype(d), group_sizes,
-                               impl=self.impl, fused=self.fuse_swiglu)
-    y = kernels.grouped_matmul(h, self.wo[...].astype(d), group_sizes, impl=self.impl)
+    y = adapters.expert_mlp(x_sorted, self.wi_gate[...].astype(d), self.wi_up[...].astype(d),
+                            self.wo[...].astype(d), group_sizes, impl=self.impl, fused=self.fuse_swiglu, lora=lora,
+                            scale=scale)
     return kernels.unpermute(y, order, weights), jnp.zeros((), jnp.float32)
 
   def _balance(self, ids, scores):

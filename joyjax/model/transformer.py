@@ -9,6 +9,8 @@ params = {
   'mtp':          MTP module params stacked over ``mtp.num_layers`` modules,
 }
 Stacks are run with ``lax.scan`` (compile time independent of depth) under the configured remat policy.
+With LoRA on (``model.lora.rank`` > 0) each adapted weight ``W`` has siblings ``W_lora_a`` / ``W_lora_b``
+(``model/adapters.py``, ``model/lora.py``) and every other leaf is frozen (``freeze_base``).
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ from flax import nnx
 
 from joyjax.axes import batch_axes, get_rules
 from joyjax.config import REMAT_POLICIES
+from joyjax.model import adapters
 from joyjax.model.attention import MLA
 from joyjax.model.layers import RMSNorm, dtype_of, param
 from joyjax.model.moe import MLP, MoE
 
 MTP_STACK = "mtp"
+LORA_STREAM = 1  # fold_in of a part's key that seeds its adapters' ``lora`` rng stream
 STACKS = ("dense_layers", "moe_layers", MTP_STACK)  # params stacked over a leading 'layers' axis
 
 
@@ -62,8 +66,9 @@ class Block(nnx.Module):
     if moe:
       self.mlp = MoE(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     else:
+      lora = adapters.settings(cfg)
       self.mlp = MLP(cfg.hidden_size, cfg.dense_intermediate_size, std=cfg.init_std, rngs=rngs, dtype=dtype,
-                     param_dtype=param_dtype)
+                     param_dtype=param_dtype, lora=lora if lora and lora.on("dense") else None)
     self.is_moe = moe
 
   def __call__(self, x, positions, segment_ids, cache=None, token_axes=None):
@@ -114,7 +119,7 @@ def stack_sizes(cfg) -> dict[str, int]:
 
 
 def _constructors(m):
-  dtype, pdtype = dtype_of(m.dtype), dtype_of(m.param_dtype)
+  dtype, pdtype = dtype_of(m.dtype), adapters.base_param_dtype(m)  # LoRA: frozen base in model.lora.base_dtype
   ctors = {
       "embed": lambda r: Embedding(m, rngs=r, param_dtype=pdtype),
       "dense_layers": lambda r: Block(m, moe=False, rngs=r, dtype=dtype, param_dtype=pdtype),
@@ -143,10 +148,40 @@ def abstract_module(cfg, name: str) -> nnx.Module:
   return _abstract(_key(cfg), name)
 
 
+@functools.lru_cache(maxsize=64)
+def _adapter_flags(key: str, name: str) -> dict:
+  """Part ``name``'s params tree with True at LoRA adapters, False at every other leaf."""
+  state = nnx.state(_abstract(key, name))
+  flags = jax.tree.map(lambda v: v.get_metadata().get("adapter") is not None, state,
+                       is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return nnx.to_pure_dict(flags) if isinstance(flags, nnx.State) else flags
+
+
+def lora_enabled(cfg) -> bool:
+  """Whether ``model.lora.rank`` > 0: only the adapters train; every other parameter is frozen."""
+  return adapters.settings(model_cfg(cfg)) is not None
+
+
+def freeze_base(cfg, name: str, part):
+  """With LoRA on, every leaf of part ``name`` but the adapters behind ``stop_gradient``: the backward pass
+  skips the base weights' gradients (their matmuls and buffers), which the optimizer would zero anyway.
+  ``part`` unchanged without LoRA."""
+  if not lora_enabled(cfg):
+    return part
+  return jax.tree.map(lambda x, adapter: x if adapter else jax.lax.stop_gradient(x), part,
+                      _adapter_flags(_key(cfg), name))
+
+
+def _frozen(cfg, w):
+  """A weight read directly from the params (embedding, head), frozen under LoRA like ``freeze_base``."""
+  return jax.lax.stop_gradient(w) if lora_enabled(cfg) else w
+
+
 def _merge(cfg, name: str, part: dict):
-  """The NNX module ``name`` with its parameters replaced by the arrays in ``part``."""
+  """The NNX module ``name`` with its parameters replaced by the arrays in ``part`` (base weights frozen under
+  LoRA: ``freeze_base``)."""
   graphdef, state = nnx.split(abstract_module(cfg, name))
-  nnx.replace_by_pure_dict(state, part)
+  nnx.replace_by_pure_dict(state, freeze_base(cfg, name, part))
   return nnx.merge(graphdef, state)
 
 
@@ -158,8 +193,8 @@ def init(cfg, key: jax.Array) -> dict:
   for i, (name, ctor) in enumerate(parts(m).items()):
     k = jax.random.fold_in(key, i)
 
-    def make(k, ctor=ctor):
-      return nnx.to_pure_dict(nnx.state(ctor(nnx.Rngs(params=k))))
+    def make(k, ctor=ctor):  # adapters draw from their own stream: the base weights do not depend on LoRA
+      return nnx.to_pure_dict(nnx.state(ctor(nnx.Rngs(params=k, lora=jax.random.fold_in(k, LORA_STREAM)))))
 
     if name in STACKS:
       params[name] = jax.vmap(make)(jax.random.split(k, sizes[name]))
@@ -224,7 +259,8 @@ def _shift_left(tokens, k):
 
 def embed(cfg, params, tokens):
   m = model_cfg(cfg)
-  return jnp.take(params["embed"]["embedding"], tokens, axis=0).astype(dtype_of(m.dtype))
+  table = _frozen(cfg, params["embed"]["embedding"])
+  return jnp.take(table, tokens, axis=0).astype(dtype_of(m.dtype))
 
 
 def forward_hidden(cfg, params, tokens, *, positions=None, segment_ids=None, cache=None, with_mtp=False):
@@ -264,7 +300,8 @@ def forward_hidden(cfg, params, tokens, *, positions=None, segment_ids=None, cac
 def head_weights(cfg, params) -> jax.Array:
   """[embed, vocab] output projection (the transposed embedding when tied)."""
   m = model_cfg(cfg)
-  return params["embed"]["embedding"].T if m.tie_embeddings else params["lm_head"]["kernel"]
+  w = params["embed"]["embedding"].T if m.tie_embeddings else params["lm_head"]["kernel"]
+  return _frozen(cfg, w)
 
 
 def logits_from_hidden(cfg, params, hidden) -> jax.Array:
