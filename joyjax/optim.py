@@ -5,7 +5,7 @@ Public API
 ``make_schedule(optim_cfg, total_steps, peak=None) -> optax.Schedule``
     ``constant`` | ``cosine`` | ``wsd`` with a linear warmup, scaled to ``peak`` (default ``optim.lr``).
 ``param_labels(cfg, params) -> tree of str``
-    'muon' | 'adam' | 'adam_no_decay' | 'frozen' per leaf (the rule is below).
+    'muon' | 'adam' | 'adam_no_decay' | 'lora' | 'frozen' per leaf (the rule is below).
 ``muon_dimension_numbers(cfg, params) -> tree of MuonDimensionNumbers | None``
     Which axes of each 'muon' leaf are batch / reduction (input) / output axes (None for other leaves).
 ``weight_decay_mask(cfg, params) -> tree of bool``
@@ -17,7 +17,11 @@ Public API
 Labelling rule (from ``model.param_info``: what each layer declared when it created the parameter)
 -----------------------------------------------------------------------------------------------------
 1. The router's selection bias (``frozen``) -> 'frozen': not a gradient parameter (the trainer moves it from
-   expert loads); the optimizer returns a zero update for it and keeps no state for it.
+   expert loads); the optimizer returns a zero update for it and keeps no state for it. With LoRA on
+   (``model.lora.rank`` > 0) every other non-adapter parameter is not ``trainable`` either -> 'frozen' too.
+1b. A LoRA adapter (``adapter`` 'a' or 'b') -> 'lora': AdamW (the common LoRA recipe; its A and B are
+   declared with their Muon input axes but not orthogonalised), at ``optim.lr`` under adamw and at the AdamW
+   part's ``optim.adam_lr`` under muon, decoupled weight decay as for other matrices.
 2. Any leaf with fewer than two axes besides the stacking axis 'layers' (norm ``scale``s, any bias)
    -> 'adam_no_decay'.
 3. A matrix declared without Muon input axes (``inputs=None``: the embedding table, the output head, the MoE
@@ -57,7 +61,8 @@ from joyjax import model
 from joyjax.config import OPTIMIZERS, SCHEDULES
 from joyjax.tree import path_names, path_str
 
-LABELS = ("muon", "adam", "adam_no_decay", "frozen")
+LABELS = ("muon", "adam", "adam_no_decay", "frozen")  # the labels of a full (not LoRA) training run
+LORA_LABEL = "lora"  # a LoRA adapter's label (with LoRA on, every other leaf is 'frozen')
 
 # Muon's batch axes: every layer of a stack and every routed expert is orthogonalised on its own.
 MUON_BATCH_AXES = ("layers", "expert")
@@ -148,8 +153,10 @@ def _leaf_info(cfg, params):
 
 
 def _label(path, info) -> str:
-  if info.frozen:
+  if info.frozen or not info.trainable:
     return "frozen"
+  if info.adapter is not None:
+    return LORA_LABEL
   if len([a for a in info.axes if a != "layers"]) < 2:
     return "adam_no_decay"
   if info.muon_inputs is None:
@@ -187,7 +194,7 @@ def weight_decay_mask(cfg, params) -> Any:
   info, treedef = _leaf_info(cfg, params)
 
   def decays(path, info):
-    return _label(path, info) in ("muon", "adam") and info.decay
+    return _label(path, info) in ("muon", "adam", LORA_LABEL) and info.decay
 
   return jax.tree_util.tree_unflatten(treedef, [decays(p, a) for p, _, a in info])
 
@@ -222,7 +229,7 @@ def make_optimizer(cfg, params_or_abstract=None, total_steps: int | None = None)
         "frozen": optax.set_to_zero(),
     }
   elif o.name == "muon":
-    group_labels = jax.tree.map(lambda l: "adam" if l == "adam_no_decay" else l, labels)
+    group_labels = jax.tree.map(lambda l: "adam" if l in ("adam_no_decay", LORA_LABEL) else l, labels)
     # The muon branch sees a tree whose non-muon leaves are MaskedNode (optax.partition), so its
     # dimension numbers carry MaskedNode at the same places.
     dims = muon_dimension_numbers(cfg, params)
