@@ -6,11 +6,14 @@
 What is counted, per device (bytes)
 -----------------------------------
 * ``params``: every leaf of ``model.abstract_params(cfg)`` at its shard shape under ``param_specs`` (the real
-  rules, on the mesh shape ``mesh_shape(cfg, num_devices)``), times the ``model.param_dtype`` size.
+  rules, on the mesh shape ``mesh_shape(cfg, num_devices)``), times its dtype's size (``model.param_dtype``;
+  with LoRA on, ``model.lora.base_dtype`` for the frozen base and ``param_dtype`` for the adapters).
 * ``opt_state``: the leaves of ``jax.eval_shape(make_optimizer(cfg).init, params)`` at their shard shapes under
-  ``state_specs`` (Muon: one momentum per Muon matrix; AdamW: mu and nu; step counts replicated).
-* ``grads``: one gradient per param leaf, sharded like it; twice that when ``train.grad_accum > 1`` (the
-  accumulator and the micro-batch's gradient).
+  ``state_specs`` (Muon: one momentum per Muon matrix; AdamW: mu and nu; step counts replicated; LoRA: the
+  adapters' AdamW mu and nu only, frozen leaves keep no state).
+* ``grads``: one gradient per param leaf, sharded like it; with LoRA on only the adapters' (the base weights sit
+  behind ``stop_gradient``: their gradients are zero constants, not computed); twice that when
+  ``train.grad_accum > 1`` (the accumulator and the micro-batch's gradient).
 * ``gathered_weights``: FSDP all-gathers a block's weights before its matmuls; the largest block's weights
   gathered over ``fsdp`` and ``expert`` but still split over ``tensor`` and, for the routed experts' weights
   (``wi_gate``, ``wi_up``, ``wo``), over ``expert``, in ``model.dtype``, for 2 blocks (the current and the
@@ -55,6 +58,8 @@ def _itemsize(dtype) -> int:
 def _group(info) -> str:
   """The table row of a parameter, from what its layer declared (``model.param_info``), not its path."""
   axes = [a for a in info.axes if a != "layers"]
+  if info.adapter is not None:
+    return "LoRA adapters"
   if info.routed:
     return "routed experts"
   if "vocab" in axes:
@@ -107,20 +112,23 @@ def plan(cfg, num_devices: int, *, device_memory_gib: float = 0, batch_size: int
   rules = get_rules(cfg)
   abstract = model.abstract_params(cfg)
   pspecs = param_specs(cfg, sizes, abstract, rules)
-  pdtype = _itemsize(jax.tree.leaves(abstract)[0].dtype)
   cdtype = 2 if cfg.model.dtype in ("bfloat16", "float16") else 4
 
   flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
   spec_leaves = jax.tree.leaves(pspecs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
   info_leaves = jax.tree.leaves(model.param_info(cfg), is_leaf=model.is_info)
   groups: dict[str, int] = {}
-  param_bytes = total_params = 0
+  param_bytes = total_params = total_param_bytes = trainable_params = trainable_bytes = 0
   gathered: dict[str, float] = {}
   for (path, leaf), spec, info in zip(flat, spec_leaves, info_leaves):
     names, axes = path_names(path), info.axes
     shard = math.prod(shard_shape(leaf.shape, spec, sizes)) * _itemsize(leaf.dtype)
     param_bytes += shard
     total_params += math.prod(leaf.shape)
+    total_param_bytes += math.prod(leaf.shape) * _itemsize(leaf.dtype)
+    if info.trainable:
+      trainable_params += math.prod(leaf.shape)
+      trainable_bytes += shard
     g = _group(info)
     groups[g] = groups.get(g, 0) + shard
     # one block's weights after the FSDP all-gather: still split over tensor, and over expert on the expert dim
@@ -140,7 +148,8 @@ def plan(cfg, num_devices: int, *, device_memory_gib: float = 0, batch_size: int
                         jax.tree.leaves(sspecs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))):
     opt_bytes += math.prod(shard_shape(leaf.shape, spec, sizes)) * _itemsize(leaf.dtype)
 
-  grad_bytes = param_bytes * (2 if cfg.train.grad_accum > 1 else 1)
+  lora = model.lora_enabled(cfg)
+  grad_bytes = (trainable_bytes if lora else param_bytes) * (2 if cfg.train.grad_accum > 1 else 1)
 
   batch_size = cfg.train.batch_size if batch_size is None else int(batch_size)
   seq_len = cfg.data.seq_len if seq_len is None else int(seq_len)
@@ -162,7 +171,9 @@ def plan(cfg, num_devices: int, *, device_memory_gib: float = 0, batch_size: int
       "mesh": sizes,
       "data_parallel": dp,
       "param_count": total_params,
-      "param_bytes_total": total_params * pdtype,
+      "param_bytes_total": total_param_bytes,
+      "trainable_params": trainable_params,
+      "lora": lora,
       "batch_size": batch_size,
       "seq_len": seq_len,
       "micro_batch_per_device": seqs,
@@ -195,6 +206,9 @@ def format_plan(p: dict, cfg=None) -> str:
   ]
   lines += [f"{'  ' + k:<44}{g(v)}" for k, v in p["param_groups"].items()]
   name = cfg.optim.name if cfg is not None else "optimizer"
+  if p["lora"]:
+    lines.insert(2, f"LoRA: {p['trainable_params'] / 1e6:.3f} M adapter params trained (AdamW), the base frozen")
+    name = "adamw, LoRA adapters only"
   remat = cfg.model.remat if cfg is not None else "?"
   lines += [
       f"{'optimizer state (' + name + ')':<44}{g(p['opt_state_bytes'])}",
