@@ -357,10 +357,14 @@ def export_checkpoint(cfg, params, out_dir: str, *, dtype: str = "bfloat16", max
   """Writes ``params`` as a HF DeepSeek-V3 checkpoint (sharded safetensors + index + config.json).
 
   The MTP modules go to layers ``num_hidden_layers + k`` with copies of the embedding and head, as DeepSeek-V3
-  checkpoints store them.
+  checkpoints store them. Params of a LoRA run (``model.lora.rank`` > 0: adapters beside the weights) are
+  merged first (``model.merge_lora``: W + alpha / r * A @ B), so the checkpoint never carries adapters.
   """
   np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[dtype]
   m = cfg.model if "model" in cfg else cfg
+  if jmodel.has_adapters(params):
+    params = jmodel.merge_lora(cfg, params)
+    cfg = jmodel.without_lora(cfg)
   os.makedirs(out_dir, exist_ok=True)
   writer = ShardedWriter(out_dir, max_shard_bytes)
   for hf_name, path, idx, kind in tensor_map(cfg):
