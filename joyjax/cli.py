@@ -1,4 +1,4 @@
-"""The ``joyjax`` command: train, sample, params, convert, plan, summary.
+"""The ``joyjax`` command: train, sft, dpo, sample, params, convert, plan, summary.
 
 A user error (a config key, a data file, a checkpoint, a tokenizer, a conversion) ends the command with one
 line on stderr, ``joyjax <command>: <kind>: <message>``, and exit status 1; ``JOYJAX_DEBUG=1`` re-raises it
@@ -156,6 +156,10 @@ def cmd_train(args, overrides):
   loop.main(_config(args, overrides))
 
 
+def cmd_sft(args, overrides):
+  loop.main(_config(args, overrides), loop.SFT)
+
+
 def cmd_sample(args, overrides):
   print(sample.sample_from_checkpoint(args.checkpoint, args.prompt, max_tokens=args.max_tokens,
                                       temperature=args.temperature, seed=args.seed))
@@ -185,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
 
   with_config("train", "train (pretraining on the embedded corpus by default)",
               "joyjax train --config configs/tiny.py --config.train.steps=1000 --config.optim.lr=3e-4")
+  with_config("sft", "supervised fine-tuning on conversations (chat format, thinking / non-thinking)",
+              "joyjax sft --config configs/sft_tiny.py --config.train.init_from=runs/tiny "
+              "--config.data.path=chats.jsonl")
   with_config("params", "count total and activated parameters from shapes",
               "joyjax params --config configs/joyai_flash.py --config.model.num_layers=8")
   with_config("summary", "build the model, run a forward pass, print shapes",
@@ -212,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
-COMMANDS = {"train": cmd_train, "params": cmd_params, "summary": cmd_summary, "convert": cmd_convert,
+COMMANDS = {"train": cmd_train, "sft": cmd_sft, "params": cmd_params, "summary": cmd_summary, "convert": cmd_convert,
             "sample": cmd_sample, "plan": cmd_plan}
 
 

@@ -22,7 +22,7 @@ from typing import Callable
 import jax
 
 from joyjax import model, optim
-from joyjax.data import pipeline
+from joyjax.data import pipeline, sft
 from joyjax.data.tokenizer import load_tokenizer
 from joyjax.model import count_params, format_counts
 from joyjax.parallel import distributed, rules
@@ -30,7 +30,7 @@ from joyjax.parallel.mesh import describe, make_mesh
 from joyjax.train import checkpoint, flops, harness, state as state_lib
 from joyjax.train.eval import lm_eval_metrics, make_lm_eval_step
 from joyjax.train.metrics import MetricsWriter, Throughput
-from joyjax.train.sample import sample_text
+from joyjax.train.sample import sample_chat, sample_text
 from joyjax.train.step import make_train_step
 
 
@@ -55,13 +55,15 @@ class Objective:
     the iterator yields this process's batches and has ``get_state`` / ``set_state`` (exact resume);
   make_step(cfg, tx, total_steps) -> step(state, batch) -> (state, metrics);
   make_eval(cfg) -> (eval_step(state, batch) -> sums, summarize(sums) -> metrics);
-  init_state(cfg, tx, params) -> state: the state around starting params (e.g. with a frozen reference copy).
+  init_state(cfg, tx, params) -> state: the state around starting params (e.g. with a frozen reference copy);
+  sample(cfg, params, tokenizer) -> str: what the run prints at its end (``train.sample_prompt``).
   """
   name: str
   open_data: Callable
   make_step: Callable
   make_eval: Callable
   init_state: Callable = state_lib.state_from_params
+  sample: Callable | None = None
 
 
 def _pretrain_data(cfg, tokenizer, pi, pc, evaluate):
@@ -71,7 +73,32 @@ def _pretrain_data(cfg, tokenizer, pi, pc, evaluate):
   return data, eval_data
 
 
-PRETRAIN = Objective("train", _pretrain_data, make_train_step, lambda cfg: (make_lm_eval_step(cfg), lm_eval_metrics))
+def _sft_data(cfg, tokenizer, pi, pc, evaluate):
+  data = sft.make_sft_iterator(cfg, tokenizer, process_index=pi, process_count=pc)
+  eval_data = sft.make_sft_eval_dataset(cfg, tokenizer, process_index=pi, process_count=pc,
+                                        source=data.source) if evaluate else None
+  return data, eval_data
+
+
+def _lm_eval(cfg):
+  return make_lm_eval_step(cfg), lm_eval_metrics
+
+
+def _text_sample(cfg, params, tokenizer):
+  t = cfg.train
+  return sample_text(cfg, params, tokenizer, t.sample_prompt, max_tokens=t.sample_tokens,
+                     temperature=t.sample_temperature, seed=t.seed)
+
+
+def _chat_sample(cfg, params, tokenizer):
+  t = cfg.train
+  return sample_chat(cfg, params, tokenizer, t.sample_prompt, max_tokens=t.sample_tokens,
+                     temperature=t.sample_temperature, seed=t.seed)
+
+
+PRETRAIN = Objective("train", _pretrain_data, make_train_step, _lm_eval, sample=_text_sample)
+# SFT is the pretraining step on chat batches: the loss mask keeps the trained (assistant) tokens only.
+SFT = Objective("sft", _sft_data, make_train_step, _lm_eval, sample=_chat_sample)
 
 
 def train(cfg, *, stop_after: int | None = None, stream=None, print_sample: bool = True,
@@ -187,9 +214,9 @@ def _train(cfg, objective: Objective, *, stop_after, stream, print_sample: bool,
     result = RunResult(losses=progress.losses, state=state, step=progress.step,
                        interrupted=progress.interrupted or not progress.finished, wall_seconds=wall,
                        tokens_per_sec=throughput.steady_tokens_per_sec())
-    if print_sample and t.sample_prompt and progress.finished and not progress.interrupted:
-      result.sample = sample_text(cfg, state["params"], tokenizer, t.sample_prompt, max_tokens=t.sample_tokens,
-                                  temperature=t.sample_temperature, seed=t.seed)
+    if (print_sample and objective.sample and t.sample_prompt and progress.finished
+        and not progress.interrupted):
+      result.sample = objective.sample(cfg, state["params"], tokenizer)
       say("sample:\n" + result.sample)
   ckpt.close()
   return result
