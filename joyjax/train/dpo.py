@@ -1,0 +1,267 @@
+"""Direct preference optimisation on the shared loop: the state, the step, the eval step, the reference pass.
+
+**Step** (``make_dpo_step``): one optimizer step over a packed DPO batch (``joyjax.batch.DPO_KEYS``, from
+``joyjax.data.dpo``). Chosen and rejected responses are rows of the same batch, so ONE forward pass of the policy
+gives every sequence's log-prob (``losses.dpo.sequence_logps``, exact under packing); the reference log-probs
+come from the state's frozen copy (no gradient) or from the batch; ``losses.dpo.dpo_loss`` (``dpo.loss_type``,
+``dpo.beta``, ``dpo.label_smoothing``) averages over the batch's real pairs. ``train.grad_accum`` micro-batches
+split the rows (a ``lax.scan``): a pair never straddles two micro-batches (both its sequences sit in one row),
+and every micro-batch is normalised by the whole batch's pair count, so k micro-batches give the large batch's
+gradient. As pretraining's step (``train/step.py``): a step whose loss or gradient norm is not finite changes
+nothing but ``step``, ``nonfinite`` and ``skipped``; after the update the router biases move towards balance
+(``model.update_router_biases``, ``train.router_bias_rate``) from the policy's per-expert token counts.
+
+**Reference** (``dpo.reference``):
+
+* ``frozen``: the state carries ``ref_params``, a copy of the starting params that no gradient or optimizer
+  touches (``dpo_state_from_params``; the optimizer state covers ``params`` only). It costs a second copy of
+  the weights and a second forward (no backward) per step.
+* ``precomputed``: a first pass over the data (``joyjax.data.dpo`` with ``one_pass=True``) computes every pair's
+  reference log-probs once (``precompute_reference`` -> {source row: (chosen, rejected)}, saved with
+  ``save_reference``); the training pipeline then carries them in the batch (``DPO_REF_KEY``) and the state has
+  no reference copy.
+
+**Eval** (``make_dpo_eval_step`` / ``dpo_eval_metrics``, the harness's ``Evaluator``): sums over held-out pairs
+of the loss, the rewards, the preference accuracy (chosen reward > rejected) and the margin, and the pair count;
+summarised as means per pair (``eval/rewards/accuracy``, ``eval/rewards/margin``, ...).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from joyjax import model, optim
+from joyjax.batch import DPO_KEYS, DPO_REF_KEY
+from joyjax.data.dpo import DPO_OVERLONG
+from joyjax.errors import ConfigError
+from joyjax.losses import dpo as dpo_losses
+from joyjax.train import state as state_lib
+from joyjax.train.step import _split_micro
+
+DPO_REFERENCES = ("frozen", "precomputed")
+
+
+def check_dpo_config(cfg) -> None:
+  """The ``dpo.*`` keys' values and their consistency; ConfigError naming the key."""
+  p = cfg.dpo
+  problems = [
+      (p.beta > 0, "dpo.beta", f"must be positive, got {p.beta}"),
+      (p.loss_type in dpo_losses.DPO_LOSS_TYPES, "dpo.loss_type",
+       f"must be one of {dpo_losses.DPO_LOSS_TYPES}, got {p.loss_type!r}"),
+      (0.0 <= p.label_smoothing < 0.5, "dpo.label_smoothing", f"must be in [0, 0.5), got {p.label_smoothing}"),
+      (p.label_smoothing == 0 or p.loss_type == "sigmoid", "dpo.label_smoothing",
+       f"applies to loss_type 'sigmoid' (conservative DPO) only, not {p.loss_type!r}; set it to 0"),
+      (p.reference in DPO_REFERENCES, "dpo.reference", f"must be one of {DPO_REFERENCES}, got {p.reference!r}"),
+      (p.overlong in DPO_OVERLONG, "dpo.overlong", f"must be one of {DPO_OVERLONG}, got {p.overlong!r}"),
+      (p.pairs_per_batch >= 0, "dpo.pairs_per_batch", f"must be >= 0 (0 = train.batch_size), got {p.pairs_per_batch}"),
+  ]
+  for ok, key, msg in problems:
+    if not ok:
+      raise ConfigError(f"config key {key!r}: {msg}")
+
+
+def dpo_batch_keys(cfg) -> tuple[str, ...]:
+  """The keys the DPO step reads: ``DPO_KEYS``, plus ``DPO_REF_KEY`` with precomputed reference log-probs."""
+  return DPO_KEYS + ((DPO_REF_KEY,) if cfg.dpo.reference == "precomputed" else ())
+
+
+# ------------------------------------------------------------------------------------------- state
+
+
+def dpo_state_from_params(cfg, tx, params) -> dict:
+  """``state.state_from_params`` plus, with ``dpo.reference = "frozen"``, ``ref_params``: a copy of ``params``
+  (its own buffers, so donating the state never donates one buffer twice)."""
+  state = state_lib.state_from_params(cfg, tx, params)
+  if cfg.dpo.reference == "frozen":
+    state["ref_params"] = jax.tree.map(jnp.copy, params)
+  return state
+
+
+def abstract_dpo_state(cfg, tx) -> dict:
+  """ShapeDtypeStructs of the DPO state, nothing allocated."""
+  return jax.eval_shape(lambda k: dpo_state_from_params(cfg, tx, model.init(cfg, k)), jax.random.key(0))
+
+
+# ------------------------------------------------------------------------------------------- log-probs
+
+
+def reference_logps(cfg, state, batch):
+  """The reference's per-sequence log-probs [num_sequences], without gradient: from the batch
+  (precomputed) or a forward pass of ``state['ref_params']`` (frozen)."""
+  if cfg.dpo.reference == "precomputed":
+    return dpo_losses.per_sequence_sums(batch[DPO_REF_KEY], batch["sequence_ids"], dpo_losses.num_sequences(cfg))
+  return jax.lax.stop_gradient(dpo_losses.sequence_logps(cfg, jax.lax.stop_gradient(state["ref_params"]), batch))
+
+
+def _pair_arrays(cfg, batch):
+  """(chosen tokens, rejected tokens, real-pair mask) of ``batch``, [P] each."""
+  c, r = dpo_losses.split_pairs(dpo_losses.sequence_token_counts(cfg, batch))
+  return c, r, dpo_losses.pair_mask_of(c, r)
+
+
+def _loss_kwargs(cfg) -> dict:
+  p = cfg.dpo
+  return {"beta": float(p.beta), "loss_type": p.loss_type, "label_smoothing": float(p.label_smoothing)}
+
+
+# ------------------------------------------------------------------------------------------- step
+
+
+def make_dpo_step(cfg, tx: optax.GradientTransformation, total_steps: int | None = None):
+  """``step(state, batch) -> (state, metrics)`` for ``cfg`` and the optimizer ``tx`` (jit it with shardings and
+  donation). Metrics: ``losses.dpo.DPO_METRICS`` (means over the batch's real pairs), ``pairs``, ``loss_tokens``
+  (response tokens), ``grad_norm``, ``param_norm``, ``finite`` / ``nonfinite`` / ``skipped``, ``dropped_tokens``,
+  ``expert_counts`` and the learning rates ``lr/...``."""
+  check_dpo_config(cfg)
+  t = cfg.train
+  k = int(t.grad_accum)
+  total = int(t.steps if total_steps is None else total_steps)
+  keys = dpo_batch_keys(cfg)
+  kw = _loss_kwargs(cfg)
+
+  def loss_fn(params, micro, ref, num_pairs):
+    logps, aux = dpo_losses.sequence_logps(cfg, params, micro, with_aux=True)
+    c_tok, r_tok, live = _pair_arrays(cfg, micro)
+    pc, pr = dpo_losses.split_pairs(logps)
+    rc, rr = dpo_losses.split_pairs(ref)
+    loss, metrics = dpo_losses.dpo_loss(pc, pr, rc, rr, pair_mask=live, num_pairs=num_pairs, chosen_tokens=c_tok,
+                                        rejected_tokens=r_tok, **kw)
+    moe = model.aux_summary(aux)
+    stats = {**metrics, "loss_tokens": jnp.sum(c_tok) + jnp.sum(r_tok), "dropped_tokens": moe["dropped_tokens"],
+             "expert_counts": moe["expert_counts"], "layer_counts": moe["layer_counts"]}
+    return loss, stats
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def dpo_step(state, batch):
+    batch = {key: batch[key] for key in keys}
+    num_pairs = jnp.maximum(jnp.sum(_pair_arrays(cfg, batch)[2].astype(jnp.float32)), 1.0)
+    params = state["params"]
+
+    def micro_grads(micro):
+      return grad_fn(params, micro, reference_logps(cfg, state, micro), num_pairs)
+
+    if k == 1:
+      (loss, stats), grads = micro_grads(batch)
+    else:
+      micros = _split_micro(batch, k)
+
+      def body(acc, micro):
+        (l, s), g = micro_grads(micro)
+        return jax.tree.map(jnp.add, acc, (l, s, g)), None
+
+      zeros = jax.eval_shape(micro_grads, jax.tree.map(lambda x: x[0], micros))
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+      (loss, stats, grads), _ = jax.lax.scan(body, (zeros[0][0], zeros[0][1], zeros[1]), micros)
+
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    if t.router_bias_rate > 0:
+      new_params = model.update_router_biases(cfg, new_params, stats["expert_counts"], float(t.router_bias_rate))
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    new_state = dict(state)
+    new_state.update({
+        "step": state["step"] + 1,
+        "params": keep(new_params, params),
+        "opt_state": keep(new_opt, state["opt_state"]),
+        "nonfinite": jnp.where(finite, 0, state["nonfinite"] + 1).astype(jnp.int32),
+        "skipped": state["skipped"] + (~finite).astype(jnp.int32),
+    })
+    metrics = {name: stats[name] for name in dpo_losses.DPO_METRICS}
+    metrics.update({
+        "pairs": stats["pairs"],
+        "loss_tokens": stats["loss_tokens"],
+        "grad_norm": grad_norm,
+        "param_norm": optax.global_norm(params),
+        "dropped_tokens": stats["dropped_tokens"],
+        "finite": finite,
+        "nonfinite": new_state["nonfinite"],
+        "skipped": new_state["skipped"],
+        "expert_counts": stats["layer_counts"],
+        **{f"lr/{name}": v for name, v in optim.learning_rates(cfg, state["step"], total).items()},
+    })
+    return new_state, metrics
+
+  return dpo_step
+
+
+# ------------------------------------------------------------------------------------------- eval
+
+
+def make_dpo_eval_step(cfg):
+  """``eval_step(state, batch) -> sums`` over the batch's real pairs: ``pairs`` and the sums of
+  ``losses.dpo.DPO_METRICS`` (``rewards/accuracy``: pairs whose chosen reward beats the rejected one)."""
+  check_dpo_config(cfg)
+  keys = dpo_batch_keys(cfg)
+  kw = _loss_kwargs(cfg)
+
+  def eval_step(state, batch):
+    batch = {key: batch[key] for key in keys}
+    c_tok, r_tok, live = _pair_arrays(cfg, batch)
+    pc, pr = dpo_losses.split_pairs(dpo_losses.sequence_logps(cfg, state["params"], batch))
+    rc, rr = dpo_losses.split_pairs(reference_logps(cfg, state, batch))
+    terms = dpo_losses.dpo_pair_terms(pc, pr, rc, rr, chosen_tokens=c_tok, rejected_tokens=r_tok, **kw)
+    return dpo_losses.dpo_pair_sums(terms, live)
+
+  return eval_step
+
+
+def dpo_eval_metrics(sums: dict) -> dict[str, float]:
+  """Means per held-out pair from the summed ``eval_step`` outputs, and ``pairs``."""
+  n = float(sums["pairs"])
+  out = {k: float(sums[k]) / max(n, 1.0) for k in dpo_losses.DPO_METRICS}
+  out["pairs"] = n
+  return out
+
+
+def make_dpo_eval(cfg):
+  """(eval_step, summarize) for the loop's ``Objective.make_eval``."""
+  return make_dpo_eval_step(cfg), dpo_eval_metrics
+
+
+# ------------------------------------------------------------------------------------------- reference pass
+
+
+def precompute_reference(cfg, params, batches, *, logps_fn=None) -> dict[int, tuple[float, float]]:
+  """{source row of the pair: (chosen, rejected) reference log-probs} of every pair in ``batches`` (this
+  process's batches of a ``one_pass`` DPO iterator, numpy). ``params``: the reference (the starting params).
+
+  ``logps_fn(params, batch) -> [num_sequences]``: defaults to a jitted ``losses.dpo.sequence_logps`` on this
+  process's devices; with several processes pass one that makes the global batch and returns the global
+  (replicated) vector: sequence ids are global, so each process reads its own pairs out of it.
+  """
+  fn = logps_fn if logps_fn is not None else jax.jit(lambda p, b: dpo_losses.sequence_logps(cfg, p, b))
+  out: dict[int, tuple[float, float]] = {}
+  for batch in batches:
+    lp = np.asarray(jax.device_get(fn(params, {key: batch[key] for key in DPO_KEYS})), np.float64)
+    seq, pair = np.asarray(batch["sequence_ids"]).reshape(-1), np.asarray(batch["pair_index"]).reshape(-1)
+    ids, first = np.unique(seq, return_index=True)
+    found: dict[int, list] = {}
+    for sid, at in zip(ids, first):
+      if sid > 0:
+        found.setdefault(int(pair[at]), [None, None])[(int(sid) - 1) % 2] = float(lp[int(sid) - 1])
+    for index, (c, r) in found.items():
+      out[index] = (c, r)
+  return out
+
+
+def save_reference(path: str, reference: dict[int, tuple[float, float]]) -> None:
+  """Writes ``precompute_reference``'s result as .npz (arrays ``index``, ``chosen``, ``rejected``), atomically."""
+  index = np.asarray(sorted(reference), np.int64)
+  vals = np.asarray([reference[int(i)] for i in index], np.float64).reshape(-1, 2)
+  tmp = f"{path}.tmp-{os.getpid()}.npz"
+  np.savez(tmp, index=index, chosen=vals[:, 0], rejected=vals[:, 1])
+  os.replace(tmp, path)
+
+
+def load_reference(path: str) -> dict[int, tuple[float, float]]:
+  """The reference log-probs ``save_reference`` wrote."""
+  with np.load(path) as f:
+    return {int(i): (float(c), float(r)) for i, c, r in zip(f["index"], f["chosen"], f["rejected"])}
