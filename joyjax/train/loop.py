@@ -168,7 +168,8 @@ def _train(cfg, objective: Objective, *, stop_after, stream, print_sample: bool,
       state, latest = restored
       origin = f"resumed from {ckpt.step_dir(latest)} (step {latest})"
     elif t.init_from:
-      params = checkpoint.load_params(t.init_from, abstract["params"])
+      # With LoRA on, a base checkpoint gets fresh adapters (state.init_params_from).
+      params = state_lib.init_params_from(cfg, t.init_from, abstract["params"], jax.random.key(t.seed))
       state = jax.jit(init_state, out_shardings=state_sh)(params)
       origin = f"initialised params from {t.init_from}"
     else:
