@@ -16,6 +16,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import dpo_data
@@ -124,13 +125,14 @@ def test_precomputed_reference_in_two_micro_batches_gives_the_frozen_one_batch_s
   train.grad_accum=2, give the frozen-reference single-batch step's loss, metrics and update."""
   cfg, params, tx, batch, step = setup
   pcfg = tiny_config({**OVER, "data.path": cfg.data.path, "dpo.reference": "precomputed", "train.grad_accum": 2})
-  ref = dpo.precompute_reference(pcfg, params, dpo_data_lib.make_dpo_iterator(pcfg, TOK, one_pass=True),
-                                 logps_fn=logps)
-  assert sorted(ref) == list(range(24))
+  ref, eval_ref = dpo.reference_pass(pcfg, TOK, params, logps_fn=logps)
+  assert sorted(ref) == list(range(24)) and eval_ref is None
   dpo.save_reference(str(tmp_path / "ref.npz"), ref)
   loaded = dpo.load_reference(str(tmp_path / "ref.npz"))
   assert loaded == ref
-  pbatch = next(dpo_data_lib.make_dpo_iterator(pcfg, TOK, reference=loaded))
+  with pytest.raises(ConfigError, match="precomputed"):
+    dpo.open_dpo_data(pcfg, TOK, 0, 1, False)
+  pbatch = next(dpo.open_dpo_data(pcfg, TOK, 0, 1, False, reference=loaded)[0])
   np.testing.assert_array_equal(pbatch["sequence_ids"], batch["sequence_ids"])
   # The reference in the batch is each sequence's log-prob under the starting params.
   lp = logps(params, batch)
@@ -173,3 +175,22 @@ def test_bad_dpo_keys(key, value, match):
     dpo.check_dpo_config(tiny_config({key: value}))
   with pytest.raises(ConfigError, match="sigmoid"):
     dpo.check_dpo_config(tiny_config({"dpo.loss_type": "ipo", "dpo.label_smoothing": 0.1}))
+
+
+def test_lora_reference_is_the_base_with_the_starting_router_biases(setup, tmp_path):
+  """With LoRA the state holds no copy of the weights: the reference is the policy with its adapters off and the
+  router biases it started from, so moving the adapters and the biases leaves the reference log-probs as they
+  were (and changes the policy's)."""
+  cfg, _, _, batch, _ = setup
+  lcfg = tiny_config({**OVER, "data.path": cfg.data.path, "model.lora.rank": 4, "model.lora.base_dtype": "float32"})
+  params = jax.jit(lambda k: model.init(lcfg, k))(jax.random.key(1))
+  state = dpo.dpo_state_from_params(lcfg, optax.identity(), params)
+  assert "ref_params" not in state and len(state["ref_router_biases"]) >= 1
+  info = model.param_info(lcfg)
+  moved = jax.tree.map(lambda x, i: x + 0.05 if (i.adapter == "b" or i.frozen) else x, params, info)
+  state = dict(state, params=moved)
+  fn = jax.jit(lambda p, b: dpo_losses.sequence_logps(lcfg, p, b))
+  b = {k: jnp.asarray(batch[k]) for k in DPO_KEYS}
+  ref = np.asarray(fn(dpo.reference_params(lcfg, state), b))
+  np.testing.assert_allclose(ref, np.asarray(fn(params, b)), rtol=1e-6, atol=1e-5)
+  assert np.max(np.abs(np.asarray(fn(moved, b)) - ref)) > 1e-2

@@ -445,11 +445,14 @@ def make_dpo_eval_dataset(config, tokenizer: Tokenizer, *, process_index: int = 
                           one_pass: bool = False) -> grain.IterDataset | None:
   """The held-out pairs' batches (``data.eval_path``, or the ``data.eval_fraction`` of ``data.path``) in index
   order, repeated (``iter()`` starts over: the same batches every time) or, with ``one_pass``, once. None
-  without an eval set. ``source``: the already opened training rows, for ``data.eval_fraction``."""
+  without an eval set. ``source``: the already opened training rows (or a DPO iterator's ``source``), for
+  ``data.eval_fraction``."""
   d = config.data
   held = pipeline.held_out(config)
   if held is None and not d.eval_path:
     return None
+  if isinstance(source, _PairMetrics):  # a DPO iterator's ``source``: its rows
+    source = source.source
   if d.eval_path:
     rows = open_pairs(config, path=d.eval_path)
     ds = grain.MapDataset.source(_IndexedRows(rows))

@@ -15,7 +15,9 @@ nothing but ``step``, ``nonfinite`` and ``skipped``; after the update the router
 
 * ``frozen``: the state carries ``ref_params``, a copy of the starting params that no gradient or optimizer
   touches (``dpo_state_from_params``; the optimizer state covers ``params`` only). It costs a second copy of
-  the weights and a second forward (no backward) per step.
+  the weights and a second forward (no backward) per step. With LoRA (``model.lora.rank`` > 0) there is no
+  copy: the reference is the policy with its adapters off (``model.zero_adapters``: the frozen base), with the
+  router biases it started from (the state keeps those, ``ref_router_biases``, since the step moves them).
 * ``precomputed``: a first pass over the data (``joyjax.data.dpo`` with ``one_pass=True``) computes every pair's
   reference log-probs once (``precompute_reference`` -> {source row: (chosen, rejected)}, saved with
   ``save_reference``); the training pipeline then carries them in the batch (``DPO_REF_KEY``) and the state has
@@ -37,11 +39,13 @@ import optax
 
 from joyjax import model, optim
 from joyjax.batch import DPO_KEYS, DPO_REF_KEY
-from joyjax.data.dpo import DPO_OVERLONG
+from joyjax.data.dpo import DPO_OVERLONG, make_dpo_eval_dataset, make_dpo_iterator
 from joyjax.errors import ConfigError
 from joyjax.losses import dpo as dpo_losses
 from joyjax.train import state as state_lib
+from joyjax.train.harness import agree
 from joyjax.train.step import _split_micro
+from joyjax.tree import path_str
 
 DPO_REFERENCES = ("frozen", "precomputed")
 
@@ -73,13 +77,34 @@ def dpo_batch_keys(cfg) -> tuple[str, ...]:
 # ------------------------------------------------------------------------------------------- state
 
 
+def _router_bias_paths(cfg) -> set[str]:
+  info = jax.tree_util.tree_flatten_with_path(model.param_info(cfg), is_leaf=model.is_info)[0]
+  return {path_str(p) for p, i in info if i.frozen}
+
+
 def dpo_state_from_params(cfg, tx, params) -> dict:
-  """``state.state_from_params`` plus, with ``dpo.reference = "frozen"``, ``ref_params``: a copy of ``params``
-  (its own buffers, so donating the state never donates one buffer twice)."""
+  """``state.state_from_params`` plus, with ``dpo.reference = "frozen"``, the reference: ``ref_params``, a copy
+  of ``params`` (its own buffers, so donating the state never donates one buffer twice); with LoRA only
+  ``ref_router_biases`` ({param path: starting router bias}), the rest being the policy's frozen base."""
   state = state_lib.state_from_params(cfg, tx, params)
   if cfg.dpo.reference == "frozen":
-    state["ref_params"] = jax.tree.map(jnp.copy, params)
+    if model.lora_enabled(cfg):
+      keep = _router_bias_paths(cfg)
+      state["ref_router_biases"] = {path_str(p): jnp.copy(x) for p, x in
+                                    jax.tree_util.tree_flatten_with_path(params)[0] if path_str(p) in keep}
+    else:
+      state["ref_params"] = jax.tree.map(jnp.copy, params)
   return state
+
+
+def reference_params(cfg, state) -> dict:
+  """The frozen reference's params: ``state['ref_params']``, or (LoRA) the policy's with its adapters off and
+  its starting router biases."""
+  if "ref_params" in state:
+    return state["ref_params"]
+  saved = state["ref_router_biases"]
+  return jax.tree_util.tree_map_with_path(lambda p, x: saved.get(path_str(p), x),
+                                          model.zero_adapters(cfg, state["params"]))
 
 
 def abstract_dpo_state(cfg, tx) -> dict:
@@ -92,10 +117,11 @@ def abstract_dpo_state(cfg, tx) -> dict:
 
 def reference_logps(cfg, state, batch):
   """The reference's per-sequence log-probs [num_sequences], without gradient: from the batch
-  (precomputed) or a forward pass of ``state['ref_params']`` (frozen)."""
+  (precomputed) or a forward pass of ``reference_params`` (frozen)."""
   if cfg.dpo.reference == "precomputed":
     return dpo_losses.per_sequence_sums(batch[DPO_REF_KEY], batch["sequence_ids"], dpo_losses.num_sequences(cfg))
-  return jax.lax.stop_gradient(dpo_losses.sequence_logps(cfg, jax.lax.stop_gradient(state["ref_params"]), batch))
+  ref = jax.lax.stop_gradient(reference_params(cfg, state))
+  return jax.lax.stop_gradient(dpo_losses.sequence_logps(cfg, ref, batch))
 
 
 def _pair_arrays(cfg, batch):
@@ -250,6 +276,51 @@ def precompute_reference(cfg, params, batches, *, logps_fn=None) -> dict[int, tu
     for index, (c, r) in found.items():
       out[index] = (c, r)
   return out
+
+
+def reference_pass(cfg, tokenizer, params, *, process_index: int = 0, process_count: int = 1,
+                   evaluate: bool = False, logps_fn=None):
+  """(train reference, eval reference or None): ``precompute_reference`` over one pass of this process's
+  training pairs (and held-out pairs with ``evaluate``). Processes that run out of pairs first feed empty
+  batches until every process is done (``harness.agree``), so a global ``logps_fn`` sees the same number of
+  calls everywhere."""
+
+  def one(batches):
+    it = iter(batches)
+
+    def lockstep():
+      blank = None
+      while True:
+        local = next(it, None)
+        if not agree(local is not None):
+          return
+        if local is None:
+          local = blank
+        else:
+          blank = {k: np.full_like(v, -1 if k == "pair_index" else 0) for k, v in local.items()}
+        yield local
+
+    return precompute_reference(cfg, params, lockstep(), logps_fn=logps_fn)
+
+  kw = dict(process_index=process_index, process_count=process_count)
+  train_ref = one(make_dpo_iterator(cfg, tokenizer, one_pass=True, **kw))
+  eval_ds = make_dpo_eval_dataset(cfg, tokenizer, one_pass=True, **kw) if evaluate else None
+  return train_ref, (one(eval_ds) if eval_ds is not None else None)
+
+
+def open_dpo_data(cfg, tokenizer, process_index: int, process_count: int, evaluate: bool, *, reference=None,
+                  eval_reference=None):
+  """(training iterator, eval dataset or None) of this process, for the loop's ``Objective.open_data``. With
+  ``dpo.reference = "precomputed"`` pass ``reference_pass``'s results (``eval_reference`` when evaluating)."""
+  check_dpo_config(cfg)
+  if cfg.dpo.reference == "precomputed" and (reference is None or (evaluate and eval_reference is None)):
+    raise ConfigError("config key 'dpo.reference': 'precomputed' needs the reference log-probs of every pair "
+                      "before training (train.dpo.reference_pass, with the starting params)")
+  data = make_dpo_iterator(cfg, tokenizer, process_index=process_index, process_count=process_count,
+                           reference=reference)
+  eval_data = make_dpo_eval_dataset(cfg, tokenizer, process_index=process_index, process_count=process_count,
+                                    source=data.source, reference=eval_reference) if evaluate else None
+  return data, eval_data
 
 
 def save_reference(path: str, reference: dict[int, tuple[float, float]]) -> None:
