@@ -134,12 +134,17 @@ def time_fn(fn, args, iters: int, warmup: int):
     return None, _classify(e)
 
 
-def fwd_bwd(f):
-  """f(*params) -> out; returns jitted g(*params, ct) -> (out, grads) computing the forward and the VJP."""
+def fwd_bwd(f, num_diff: int | None = None):
+  """f(*params) -> out; returns jitted g(*params, ct) -> (out, grads) computing the forward and the VJP.
+
+  num_diff: only the first ``num_diff`` params are differentiated (the others are passed through as jit
+  arguments, never baked in as constants); default all."""
   def g(*args):
     *params, ct = args
-    out, vjp = jax.vjp(f, *params)
-    return out, vjp(ct.astype(out.dtype))
+    n = len(params) if num_diff is None else num_diff
+    diff, rest = params[:n], params[n:]
+    out, vjp = jax.vjp(lambda *d: f(*d, *rest), *diff)
+    return out, vjp(jnp.asarray(ct).astype(out.dtype))
   return jax.jit(g)
 
 
@@ -153,6 +158,102 @@ def parse_tiling(s: str | None):
     raise SystemExit("--tiling wants tm,tk,tn or tm,tk,tn,num_warps,num_stages")
   extra = {"num_warps": v[3], "num_stages": v[4]} if len(v) == 5 else {}
   return pallas_backend.Tiling(gmm=tuple(v[:3]), **extra)
+
+
+def make_inputs(tokens: int, hidden: int, width: int, experts: int, topk: int, dtype, seed: int = 0) -> dict:
+  """The benchmark's operands at one shape: random activations and expert weights, a balanced-ish random
+  routing (each token picks ``topk`` distinct experts uniformly) and the rows it sorts into, cotangents."""
+  dtype = jnp.dtype(dtype)
+  t, h, w, e, k = tokens, hidden, width, experts, topk
+  keys = jax.random.split(jax.random.key(seed), 10)
+  x = jax.random.normal(keys[0], (t, h), dtype)
+  router_w = (jax.random.normal(keys[1], (h, e), jnp.float32) / np.sqrt(h)).astype(dtype)
+  w_gate = (jax.random.normal(keys[2], (e, h, w), jnp.float32) / np.sqrt(h)).astype(dtype)
+  w_up = (jax.random.normal(keys[3], (e, h, w), jnp.float32) / np.sqrt(h)).astype(dtype)
+  w_down = (jax.random.normal(keys[4], (e, w, h), jnp.float32) / np.sqrt(w)).astype(dtype)
+  ids = jax.lax.top_k(jax.random.uniform(keys[5], (t, e)), k)[1]
+  x_sorted, group_sizes, _ = ops.permute(x, ids, e)
+  return dict(tokens=t, hidden=h, width=w, experts=e, topk=k, routed_rows=t * k, dtype=dtype, x=x,
+              router_w=router_w, w_gate=w_gate, w_up=w_up, w_down=w_down,
+              w_gate_up=jnp.concatenate([w_gate, w_up], axis=-1), x_sorted=x_sorted, group_sizes=group_sizes,
+              ct_gu=jax.random.normal(keys[6], (t * k, 2 * w), dtype),
+              ct_layer=jax.random.normal(keys[7], (t, h), dtype))
+
+
+def run_table(inp: dict, impls, *, platform_name: str, iters: int, warmup: int, tiling=None, layer: bool = True,
+              sweep: bool = False, log=print) -> list[dict]:
+  """Times every row of every impl in ``impls`` on the operands ``inp`` (``make_inputs``); returns the rows
+  (impl, what, ms, tflops, status, note, flops), logging each as it is measured."""
+  t, h, w, e, k, r = (inp[n] for n in ("tokens", "hidden", "width", "experts", "topk", "routed_rows"))
+  x, router_w, w_gate, w_up, w_down, w_gate_up = (inp[n] for n in ("x", "router_w", "w_gate", "w_up", "w_down",
+                                                                   "w_gate_up"))
+  x_sorted, group_sizes, ct_gu, ct_layer = inp["x_sorted"], inp["group_sizes"], inp["ct_gu"], inp["ct_layer"]
+  flops_gmm = 2 * r * h * 2 * w
+  flops_layer = flops_gmm + 2 * r * w * h
+  rows = []
+
+  def record(impl, what, flops, ms, status, note=""):
+    tf = (flops / (ms * 1e-3) / 1e12) if ms else None
+    rows.append(dict(impl=impl, what=what, ms=ms, tflops=tf, status=status, note=note, flops=flops))
+    ms_s = f"{ms:10.3f}" if ms is not None else f"{'-':>10}"
+    tf_s = f"{tf:9.1f}" if tf is not None else f"{'-':>9}"
+    log(f"{impl:18s} {what:26s} {ms_s} {tf_s}  {status}{('  (' + note + ')') if note else ''}")
+
+  log(f"{'impl':18s} {'what':26s} {'ms':>10} {'TFLOP/s':>9}  status")
+  for name in impls:
+    be = make_backend(name, platform_name, tiling)
+    if isinstance(be, str):
+      record(name, "(skipped)", 0, None, "skipped", be)
+      continue
+    if be.name == "einsum":
+      cap = r // e
+      lhs_b = x_sorted[: cap * e].reshape(e, cap, h)
+      f = lambda l, rr: jnp.einsum("ech,ehn->ecn", l, rr, preferred_element_type=jnp.float32).astype(l.dtype)
+      fl = 2 * e * cap * h * 2 * w
+      ms, st = time_fn(jax.jit(f), (lhs_b, w_gate_up), iters, warmup)
+      record("einsum", "balanced fwd (ceiling)", fl, ms, st)
+      ct_b = ct_gu[: cap * e].reshape(e, cap, 2 * w)
+      ms, st = time_fn(fwd_bwd(f), (lhs_b, w_gate_up, ct_b), iters, warmup)
+      record("einsum", "balanced fwd+bwd (ceiling)", 3 * fl, ms, st)
+      continue
+
+    if be.swiglu is None:  # the fused variant has the same plain-gmm rows as "pallas"
+      g = lambda l, rr, gs, _g=be.gmm: _g(l, rr, gs)
+      ms, st = time_fn(jax.jit(g), (x_sorted, w_gate_up, group_sizes), iters, warmup)
+      record(be.name, "gmm gate+up fwd", flops_gmm, ms, st, be.note)
+      gb = fwd_bwd(lambda l, rr, _g=be.gmm: _g(l, rr, group_sizes))
+      ms, st = time_fn(gb, (x_sorted, w_gate_up, ct_gu), iters, warmup)
+      record(be.name, "gmm gate+up fwd+bwd", 3 * flops_gmm, ms, st, be.note)
+    else:
+      sw = lambda l, g1, g2, gs, _s=be.swiglu: _s(l, g1, g2, gs)
+      ms, st = time_fn(jax.jit(sw), (x_sorted, w_gate, w_up, group_sizes), iters, warmup)
+      record(be.name, "gate+up+swiglu fwd", flops_gmm, ms, st, be.note)
+      swb = fwd_bwd(lambda l, g1, g2, _s=be.swiglu: _s(l, g1, g2, group_sizes))
+      ms, st = time_fn(swb, (x_sorted, w_gate, w_up, ct_gu[:, :w]), iters, warmup)
+      record(be.name, "gate+up+swiglu fwd+bwd", 3 * flops_gmm, ms, st, be.note)
+
+    if layer:
+      lay = partial(moe_layer, topk=k, backend=be)
+      params = (x, router_w, w_gate_up, w_gate, w_up, w_down)
+      ms, st = time_fn(jax.jit(lay), params, iters, warmup)
+      record(be.name, "layer fwd", flops_layer, ms, st, be.note)
+      # Gradients for x and the expert weights (router weights too; its FLOPs are not counted).
+      lb = fwd_bwd(lambda xx, rw, wgu, wg, wu, wd: lay(xx, rw, wgu, wg, wu, wd))
+      ms, st = time_fn(lb, (*params, ct_layer), iters, warmup)
+      record(be.name, "layer fwd+bwd", 3 * flops_layer, ms, st, be.note)
+
+  if sweep and platform_name != "cpu":
+    for tm, tk, tn, nw, ns in SWEEP_TILINGS:
+      til = pallas_backend.Tiling(gmm=(tm, tk, tn), num_warps=nw, num_stages=ns)
+      g = jax.jit(partial(pallas_backend.gmm, tiling=til))
+      ms, st = time_fn(g, (x_sorted, w_gate_up, group_sizes), iters, warmup)
+      record("pallas", f"fwd {tm}x{tk}x{tn} w{nw} s{ns}", flops_gmm, ms, st)
+    for tm, tk, tn, nw, ns in SWEEP_TGMM_TILINGS:
+      til = pallas_backend.Tiling(tgmm=(tm, tk, tn), tgmm_num_warps=nw, tgmm_num_stages=ns)
+      g = jax.jit(partial(pallas_backend.tgmm, tiling=til))
+      ms, st = time_fn(g, (x_sorted, ct_gu, group_sizes), iters, warmup)
+      record("pallas", f"tgmm {tm}x{tk}x{tn} w{nw} s{ns}", flops_gmm, ms, st)
+  return rows
 
 
 def main(argv=None) -> dict:
@@ -179,100 +280,23 @@ def main(argv=None) -> dict:
 
   plat = jax.default_backend()
   dtype = jnp.dtype(a.dtype)
-  t, h, w, e, k = a.tokens, a.hidden, a.width, a.experts, a.topk
-  r = t * k
-  tiling = parse_tiling(a.tiling)
   print(f"device: {jax.devices()[0].device_kind} ({plat}); jax {jax.__version__}; "
         f"python {platform.python_version()}")
-  print(f"shape: tokens={t} top{k} of {e} experts -> {r} routed rows; hidden={h} width={w}; {dtype.name}")
-
-  keys = jax.random.split(jax.random.key(a.seed), 10)
-  x = jax.random.normal(keys[0], (t, h), dtype)
-  router_w = (jax.random.normal(keys[1], (h, e), jnp.float32) / np.sqrt(h)).astype(dtype)
-  w_gate = (jax.random.normal(keys[2], (e, h, w), jnp.float32) / np.sqrt(h)).astype(dtype)
-  w_up = (jax.random.normal(keys[3], (e, h, w), jnp.float32) / np.sqrt(h)).astype(dtype)
-  w_down = (jax.random.normal(keys[4], (e, w, h), jnp.float32) / np.sqrt(w)).astype(dtype)
-  w_gate_up = jnp.concatenate([w_gate, w_up], axis=-1)
-  # Balanced-ish random routing for the gmm-only rows: each token picks k distinct experts uniformly.
-  ids = jax.lax.top_k(jax.random.uniform(keys[5], (t, e)), k)[1]
-  x_sorted, group_sizes, _ = ops.permute(x, ids, e)
-  ct_gu = jax.random.normal(keys[6], (r, 2 * w), dtype)
-  ct_layer = jax.random.normal(keys[7], (t, h), dtype)
-  gs_np = np.asarray(group_sizes)
+  print(f"shape: tokens={a.tokens} top{a.topk} of {a.experts} experts -> {a.tokens * a.topk} routed rows; "
+        f"hidden={a.hidden} width={a.width}; {dtype.name}")
+  inp = make_inputs(a.tokens, a.hidden, a.width, a.experts, a.topk, dtype, a.seed)
+  gs_np = np.asarray(inp["group_sizes"])
   print(f"group sizes: min {gs_np.min()} max {gs_np.max()} mean {gs_np.mean():.1f}")
-
-  flops_gmm = 2 * r * h * 2 * w
-  flops_layer = flops_gmm + 2 * r * w * h
-  rows = []
-
-  def record(impl, what, flops, ms, status, note=""):
-    tf = (flops / (ms * 1e-3) / 1e12) if ms else None
-    rows.append(dict(impl=impl, what=what, ms=ms, tflops=tf, status=status, note=note, flops=flops))
-    ms_s = f"{ms:10.3f}" if ms is not None else f"{'-':>10}"
-    tf_s = f"{tf:9.1f}" if tf is not None else f"{'-':>9}"
-    print(f"{impl:18s} {what:26s} {ms_s} {tf_s}  {status}{('  (' + note + ')') if note else ''}", flush=True)
-
-  print(f"{'impl':18s} {'what':26s} {'ms':>10} {'TFLOP/s':>9}  status")
-  for name in [s.strip() for s in a.impls.split(",") if s.strip()]:
-    be = make_backend(name, plat, tiling)
-    if isinstance(be, str):
-      record(name, "(skipped)", 0, None, "skipped", be)
-      continue
-    if be.name == "einsum":
-      cap = r // e
-      lhs_b = x_sorted[: cap * e].reshape(e, cap, h)
-      f = lambda l, rr: jnp.einsum("ech,ehn->ecn", l, rr, preferred_element_type=jnp.float32).astype(l.dtype)
-      fl = 2 * e * cap * h * 2 * w
-      ms, st = time_fn(jax.jit(f), (lhs_b, w_gate_up), a.iters, a.warmup)
-      record("einsum", "balanced fwd (ceiling)", fl, ms, st)
-      ct_b = ct_gu[: cap * e].reshape(e, cap, 2 * w)
-      ms, st = time_fn(fwd_bwd(f), (lhs_b, w_gate_up, ct_b), a.iters, a.warmup)
-      record("einsum", "balanced fwd+bwd (ceiling)", 3 * fl, ms, st)
-      continue
-
-    if be.swiglu is None:  # the fused variant has the same plain-gmm rows as "pallas"
-      g = lambda l, rr, gs, _g=be.gmm: _g(l, rr, gs)
-      ms, st = time_fn(jax.jit(g), (x_sorted, w_gate_up, group_sizes), a.iters, a.warmup)
-      record(be.name, "gmm gate+up fwd", flops_gmm, ms, st, be.note)
-      gb = fwd_bwd(lambda l, rr, _g=be.gmm: _g(l, rr, group_sizes))
-      ms, st = time_fn(gb, (x_sorted, w_gate_up, ct_gu), a.iters, a.warmup)
-      record(be.name, "gmm gate+up fwd+bwd", 3 * flops_gmm, ms, st, be.note)
-    else:
-      sw = lambda l, g1, g2, gs, _s=be.swiglu: _s(l, g1, g2, gs)
-      ms, st = time_fn(jax.jit(sw), (x_sorted, w_gate, w_up, group_sizes), a.iters, a.warmup)
-      record(be.name, "gate+up+swiglu fwd", flops_gmm, ms, st, be.note)
-      swb = fwd_bwd(lambda l, g1, g2, _s=be.swiglu: _s(l, g1, g2, group_sizes))
-      ms, st = time_fn(swb, (x_sorted, w_gate, w_up, ct_gu[:, :w]), a.iters, a.warmup)
-      record(be.name, "gate+up+swiglu fwd+bwd", 3 * flops_gmm, ms, st, be.note)
-
-    if not a.no_layer:
-      layer = partial(moe_layer, topk=k, backend=be)
-      params = (x, router_w, w_gate_up, w_gate, w_up, w_down)
-      ms, st = time_fn(jax.jit(layer), params, a.iters, a.warmup)
-      record(be.name, "layer fwd", flops_layer, ms, st, be.note)
-      # Gradients for x and the expert weights (router weights too; its FLOPs are not counted).
-      lb = fwd_bwd(lambda xx, rw, wgu, wg, wu, wd: layer(xx, rw, wgu, wg, wu, wd))
-      ms, st = time_fn(lb, (*params, ct_layer), a.iters, a.warmup)
-      record(be.name, "layer fwd+bwd", 3 * flops_layer, ms, st, be.note)
-
-  if a.sweep and plat != "cpu":
-    for tm, tk, tn, nw, ns in SWEEP_TILINGS:
-      til = pallas_backend.Tiling(gmm=(tm, tk, tn), num_warps=nw, num_stages=ns)
-      g = jax.jit(partial(pallas_backend.gmm, tiling=til))
-      ms, st = time_fn(g, (x_sorted, w_gate_up, group_sizes), a.iters, a.warmup)
-      record("pallas", f"fwd {tm}x{tk}x{tn} w{nw} s{ns}", flops_gmm, ms, st)
-    for tm, tk, tn, nw, ns in SWEEP_TGMM_TILINGS:
-      til = pallas_backend.Tiling(tgmm=(tm, tk, tn), tgmm_num_warps=nw, tgmm_num_stages=ns)
-      g = jax.jit(partial(pallas_backend.tgmm, tiling=til))
-      ms, st = time_fn(g, (x_sorted, ct_gu, group_sizes), a.iters, a.warmup)
-      record("pallas", f"tgmm {tm}x{tk}x{tn} w{nw} s{ns}", flops_gmm, ms, st)
+  rows = run_table(inp, [s.strip() for s in a.impls.split(",") if s.strip()], platform_name=plat,
+                   iters=a.iters, warmup=a.warmup, tiling=parse_tiling(a.tiling), layer=not a.no_layer,
+                   sweep=a.sweep, log=lambda line: print(line, flush=True))
 
   result = dict(
       device=jax.devices()[0].device_kind, platform=plat, jax=jax.__version__,
       python=platform.python_version(),
-      config=dict(tokens=t, hidden=h, width=w, experts=e, topk=k, routed_rows=r, dtype=dtype.name,
-                  iters=a.iters, warmup=a.warmup, tiling=a.tiling, group_size_min=int(gs_np.min()),
-                  group_size_max=int(gs_np.max())),
+      config=dict(tokens=a.tokens, hidden=a.hidden, width=a.width, experts=a.experts, topk=a.topk,
+                  routed_rows=inp["routed_rows"], dtype=dtype.name, iters=a.iters, warmup=a.warmup,
+                  tiling=a.tiling, group_size_min=int(gs_np.min()), group_size_max=int(gs_np.max())),
       rows=rows)
   os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
   with open(a.out, "w") as f:
