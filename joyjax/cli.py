@@ -160,6 +160,10 @@ def cmd_sft(args, overrides):
   loop.main(_config(args, overrides), loop.SFT)
 
 
+def cmd_dpo(args, overrides):
+  loop.main(_config(args, overrides), loop.DPO)
+
+
 def cmd_sample(args, overrides):
   print(sample.sample_from_checkpoint(args.checkpoint, args.prompt, max_tokens=args.max_tokens,
                                       temperature=args.temperature, seed=args.seed))
@@ -192,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
   with_config("sft", "supervised fine-tuning on conversations (chat format, thinking / non-thinking)",
               "joyjax sft --config configs/sft_tiny.py --config.train.init_from=runs/tiny "
               "--config.data.path=chats.jsonl")
+  with_config("dpo", "direct preference optimisation on {prompt, chosen, rejected} pairs",
+              "joyjax dpo --config configs/dpo_tiny.py --config.train.init_from=runs/sft_tiny "
+              "--config.data.path=pairs.jsonl")
   with_config("params", "count total and activated parameters from shapes",
               "joyjax params --config configs/joyai_flash.py --config.model.num_layers=8")
   with_config("summary", "build the model, run a forward pass, print shapes",
@@ -219,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
-COMMANDS = {"train": cmd_train, "sft": cmd_sft, "params": cmd_params, "summary": cmd_summary, "convert": cmd_convert,
+COMMANDS = {"train": cmd_train, "sft": cmd_sft, "dpo": cmd_dpo, "params": cmd_params, "summary": cmd_summary, "convert": cmd_convert,
             "sample": cmd_sample, "plan": cmd_plan}
 
 

@@ -26,6 +26,11 @@ DTYPES = ("float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("constant", "cosine", "wsd")
 DATA_FORMATS = ("auto", "jsonl", "parquet", "text", "arrayrecord")  # auto: by file extension
+CHAT_TRAIN_ON = ("assistant", "last", "all")   # sft.train_on: which rendered tokens carry loss
+OVERLONG_RULES = ("truncate", "skip")          # sft.overlong, dpo.overlong: an example longer than a row
+DPO_LOSS_TYPES = ("sigmoid", "ipo")            # dpo.loss_type (sigmoid + label_smoothing = conservative DPO)
+DPO_REFERENCES = ("frozen", "precomputed")     # dpo.reference: where the reference log-probs come from
+LORA_TARGETS = ("attention", "dense", "shared", "routed")  # model.lora.targets: which weights get adapters
 
 
 def _all_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -196,6 +201,14 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _require(e.num_shared_experts >= 0, "model.moe.num_shared_experts", "must be >= 0")
     _require(e.capacity_factor >= 0, "model.moe.capacity_factor", "must be >= 0 (0 = dropless)")
   _require(m.mtp.num_layers >= 0, "model.mtp.num_layers", "must be >= 0")
+  lo = m.lora
+  _require(lo.rank >= 0, "model.lora.rank", f"must be >= 0 (0 = off), got {lo.rank}")
+  if lo.rank > 0:
+    _require(lo.alpha > 0, "model.lora.alpha", f"must be positive, got {lo.alpha}")
+    targets = [x.strip() for x in lo.targets.split(",") if x.strip()]
+    _require(bool(targets) and set(targets) <= set(LORA_TARGETS), "model.lora.targets",
+             f"must be a comma-separated subset of {', '.join(LORA_TARGETS)}, got {lo.targets!r}")
+    _require(lo.base_dtype in DTYPES, "model.lora.base_dtype", f"must be one of {DTYPES}, got {lo.base_dtype!r}")
 
   d = cfg.data
   _require(d.seq_len > 1, "data.seq_len", f"must be > 1, got {d.seq_len}")
@@ -222,6 +235,19 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
            f"{t.eval_every} asks for evaluations but there is no evaluation data; set data.eval_path or "
            "data.eval_fraction, or train.eval_every=0")
   _require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+  s = cfg.sft
+  _require(0.0 <= s.thinking_ratio <= 1.0, "sft.thinking_ratio", f"must be in [0, 1], got {s.thinking_ratio}")
+  _require(s.train_on in CHAT_TRAIN_ON, "sft.train_on", f"must be one of {CHAT_TRAIN_ON}, got {s.train_on!r}")
+  _require(s.overlong in OVERLONG_RULES, "sft.overlong", f"must be one of {OVERLONG_RULES}, got {s.overlong!r}")
+  po = cfg.dpo
+  _require(po.beta > 0, "dpo.beta", f"must be positive, got {po.beta}")
+  _require(po.loss_type in DPO_LOSS_TYPES, "dpo.loss_type", f"must be one of {DPO_LOSS_TYPES}, got {po.loss_type!r}")
+  _require(0.0 <= po.label_smoothing < 0.5, "dpo.label_smoothing", f"must be in [0, 0.5), got {po.label_smoothing}")
+  _require(po.label_smoothing == 0 or po.loss_type == "sigmoid", "dpo.label_smoothing",
+           f"applies to loss_type 'sigmoid' (conservative DPO) only, not {po.loss_type!r}; set it to 0")
+  _require(po.reference in DPO_REFERENCES, "dpo.reference", f"must be one of {DPO_REFERENCES}, got {po.reference!r}")
+  _require(po.overlong in OVERLONG_RULES, "dpo.overlong", f"must be one of {OVERLONG_RULES}, got {po.overlong!r}")
+  _require(po.pairs_per_batch >= 0, "dpo.pairs_per_batch", f"must be >= 0 (0 = train.batch_size), got {po.pairs_per_batch}")
   ck = cfg.checkpoint
   _require(ck.every >= 0 and ck.keep > 0, "checkpoint.keep", "checkpoint.every >= 0 and checkpoint.keep > 0")
   p = cfg.mesh

@@ -71,12 +71,12 @@ import jinja2.nodes
 import jinja2.sandbox
 import tokenizers
 
+from joyjax.config import CHAT_TRAIN_ON
 from joyjax.errors import ConfigError, DataError
 from joyjax.data.sources import _FIX
 from joyjax.data.tokenizer import Tokenizer, _exists, _read_text
 
 ROLES = ("system", "user", "assistant", "tool")
-TRAIN_ON = ("assistant", "last", "all")   # sft.train_on / render(train_on=): which tokens carry loss
 
 # DeepSeek-V3's markers (they are tokens of its tokenizer and of JoyAI's).
 DEFAULT_BOS, DEFAULT_EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
@@ -568,8 +568,8 @@ def render(messages: Sequence[dict], tokenizer: Tokenizer, *, thinking: bool = T
   ``template`` None = the built-in template. Raises DataError for a malformed conversation (no location: the
   caller adds the file and row) and when a template cannot be masked per turn.
   """
-  if train_on not in TRAIN_ON:
-    raise ConfigError(f"config key 'sft.train_on': must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
+  if train_on not in CHAT_TRAIN_ON:
+    raise ConfigError(f"config key 'sft.train_on': must be one of {', '.join(CHAT_TRAIN_ON)}, got {train_on!r}")
   msgs, bos, eos = _prepare(messages, tokenizer, template, thinking, require_assistant=train_on != "all")
   if template is None:
     text, turns = _render_builtin(msgs, bos=bos, eos=eos, thinking=thinking, add_generation_prompt=False)

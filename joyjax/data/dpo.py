@@ -63,9 +63,9 @@ import numpy as np
 from joyjax.batch import DPO_KEYS, DPO_REF_KEY, dpo_pairs_per_batch
 from joyjax.data import chat, pipeline, sources
 from joyjax.data.tokenizer import Tokenizer
+from joyjax.config import OVERLONG_RULES
 from joyjax.errors import ConfigError, DataError
 
-DPO_OVERLONG = ("truncate", "skip")
 
 
 # ------------------------------------------------------------------------------------------ rows
@@ -190,8 +190,8 @@ class RenderPairs:
 
   def __init__(self, tokenizer: Tokenizer, *, seq_len: int, overlong: str, thinking: bool, where: Callable,
                skip_malformed: bool, template=None, reference: Mapping[int, tuple[float, float]] | None = None):
-    if overlong not in DPO_OVERLONG:
-      raise ConfigError(f"config key 'dpo.overlong': must be one of {DPO_OVERLONG}, got {overlong!r}")
+    if overlong not in OVERLONG_RULES:
+      raise ConfigError(f"config key 'dpo.overlong': must be one of {OVERLONG_RULES}, got {overlong!r}")
     self.tokenizer, self.template = tokenizer, template
     self.budget, self.overlong, self.thinking = int(seq_len) + 2, overlong, bool(thinking)
     self.where, self.skip_malformed, self.reference = where, bool(skip_malformed), reference

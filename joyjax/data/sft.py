@@ -49,13 +49,13 @@ import grain
 import numpy as np
 
 from joyjax.batch import LM_KEYS
+from joyjax.config import CHAT_TRAIN_ON, OVERLONG_RULES
 from joyjax.errors import ConfigError, DataError
 from joyjax.data import chat
 from joyjax.data.pipeline import DataIterator, HeldOut, _mix64, _per_process_batch, held_out
 from joyjax.data.sources import DocumentSource, _FIX, open_rows
 from joyjax.data.tokenizer import Tokenizer
 
-OVERLONG = ("truncate", "skip")   # sft.overlong
 # Per-row counters (summed into the iterator's metrics, never part of a batch the step sees).
 COUNTERS = {"n_conversations": "data/sft_conversations", "n_truncated": "data/sft_truncated",
             "n_overlong": "data/sft_skipped_overlong", "n_malformed": "data/skipped_malformed"}
@@ -67,10 +67,10 @@ def check_sft_config(config) -> None:
   s = config.sft
   if not 0.0 <= s.thinking_ratio <= 1.0:
     raise ConfigError(f"config key 'sft.thinking_ratio': must be in [0, 1], got {s.thinking_ratio}")
-  if s.train_on not in chat.TRAIN_ON:
-    raise ConfigError(f"config key 'sft.train_on': must be one of {', '.join(chat.TRAIN_ON)}, got {s.train_on!r}")
-  if s.overlong not in OVERLONG:
-    raise ConfigError(f"config key 'sft.overlong': must be one of {', '.join(OVERLONG)}, got {s.overlong!r}")
+  if s.train_on not in CHAT_TRAIN_ON:
+    raise ConfigError(f"config key 'sft.train_on': must be one of {', '.join(CHAT_TRAIN_ON)}, got {s.train_on!r}")
+  if s.overlong not in OVERLONG_RULES:
+    raise ConfigError(f"config key 'sft.overlong': must be one of {', '.join(OVERLONG_RULES)}, got {s.overlong!r}")
   if not config.data.path:
     raise ConfigError("config key 'data.path': SFT needs conversation files (JSON lines or Parquet rows with "
                       "'messages', or 'prompt' and 'response'); the embedded corpus is for pretraining")

@@ -32,9 +32,9 @@ import jax
 import jax.numpy as jnp
 
 from joyjax import model
+from joyjax.config import DPO_LOSS_TYPES
 from joyjax.batch import dpo_pairs_per_batch
 
-DPO_LOSS_TYPES = ("sigmoid", "ipo")
 DPO_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin",
                "logps/chosen", "logps/rejected")
 

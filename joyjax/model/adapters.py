@@ -21,12 +21,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from joyjax import kernels
-from joyjax.config import DTYPES
+from joyjax.config import DTYPES, LORA_TARGETS
 from joyjax.errors import ConfigError
 from joyjax.model.layers import dtype_of
 
 # ``model.lora.targets`` values: MLA projections, the dense layers' MLP, the shared expert, the routed experts.
-LORA_TARGETS = ("attention", "dense", "shared", "routed")
 LORA_AXIS = "lora"        # the logical name of the rank axis (no sharding rule: replicated)
 SUFFIX_A, SUFFIX_B = "_lora_a", "_lora_b"
 EXPERT_WEIGHTS = ("wi_gate", "wi_up", "wo")  # the routed experts' weights, in ``expert_mlp``'s order

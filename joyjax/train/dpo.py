@@ -39,7 +39,8 @@ import optax
 
 from joyjax import model, optim
 from joyjax.batch import DPO_KEYS, DPO_REF_KEY
-from joyjax.data.dpo import DPO_OVERLONG, make_dpo_eval_dataset, make_dpo_iterator
+from joyjax.config import DPO_LOSS_TYPES, DPO_REFERENCES, OVERLONG_RULES
+from joyjax.data.dpo import make_dpo_eval_dataset, make_dpo_iterator
 from joyjax.errors import ConfigError
 from joyjax.losses import dpo as dpo_losses
 from joyjax.train import state as state_lib
@@ -47,7 +48,6 @@ from joyjax.train.harness import agree
 from joyjax.train.step import _split_micro
 from joyjax.tree import path_str
 
-DPO_REFERENCES = ("frozen", "precomputed")
 
 
 def check_dpo_config(cfg) -> None:
@@ -55,13 +55,13 @@ def check_dpo_config(cfg) -> None:
   p = cfg.dpo
   problems = [
       (p.beta > 0, "dpo.beta", f"must be positive, got {p.beta}"),
-      (p.loss_type in dpo_losses.DPO_LOSS_TYPES, "dpo.loss_type",
-       f"must be one of {dpo_losses.DPO_LOSS_TYPES}, got {p.loss_type!r}"),
+      (p.loss_type in DPO_LOSS_TYPES, "dpo.loss_type",
+       f"must be one of {DPO_LOSS_TYPES}, got {p.loss_type!r}"),
       (0.0 <= p.label_smoothing < 0.5, "dpo.label_smoothing", f"must be in [0, 0.5), got {p.label_smoothing}"),
       (p.label_smoothing == 0 or p.loss_type == "sigmoid", "dpo.label_smoothing",
        f"applies to loss_type 'sigmoid' (conservative DPO) only, not {p.loss_type!r}; set it to 0"),
       (p.reference in DPO_REFERENCES, "dpo.reference", f"must be one of {DPO_REFERENCES}, got {p.reference!r}"),
-      (p.overlong in DPO_OVERLONG, "dpo.overlong", f"must be one of {DPO_OVERLONG}, got {p.overlong!r}"),
+      (p.overlong in OVERLONG_RULES, "dpo.overlong", f"must be one of {OVERLONG_RULES}, got {p.overlong!r}"),
       (p.pairs_per_batch >= 0, "dpo.pairs_per_batch", f"must be >= 0 (0 = train.batch_size), got {p.pairs_per_batch}"),
   ]
   for ok, key, msg in problems:
@@ -336,3 +336,41 @@ def load_reference(path: str) -> dict[int, tuple[float, float]]:
   """The reference log-probs ``save_reference`` wrote."""
   with np.load(path) as f:
     return {int(i): (float(c), float(r)) for i, c, r in zip(f["index"], f["chosen"], f["rejected"])}
+
+
+REFERENCE_FILES = ("dpo_reference.npz", "dpo_reference_eval.npz")  # in train.output_dir: training, held-out pairs
+
+
+def prepared_reference(cfg, tokenizer, evaluate: bool, process_index: int = 0, process_count: int = 1):
+  """(train reference, eval reference or None) for ``dpo.reference = "precomputed"``: read from
+  ``train.output_dir`` when an earlier start of this run computed them (so a resumed run reuses them), else
+  computed now in one pass with the starting params (``train.init_from``, or the run's seeded init) and saved
+  there before training starts."""
+  if process_count > 1:
+    raise ConfigError("config key 'dpo.reference': 'precomputed' runs its reference pass on one process; with "
+                      f"{process_count} processes use dpo.reference=frozen")
+  paths = [os.path.join(cfg.train.output_dir, f) for f in REFERENCE_FILES]
+  wanted = paths if evaluate else paths[:1]
+  if all(os.path.exists(p) for p in wanted):
+    refs = [load_reference(p) for p in wanted]
+    return refs[0], (refs[1] if evaluate else None)
+  abstract = model.abstract_params(cfg)
+  key = jax.random.key(cfg.train.seed)  # the same starting params as the run's state
+  params = (state_lib.init_params_from(cfg, cfg.train.init_from, abstract, key) if cfg.train.init_from
+            else jax.jit(lambda k: model.init(cfg, k))(key))
+  train_ref, eval_ref = reference_pass(cfg, tokenizer, params, process_index=process_index,
+                                       process_count=process_count, evaluate=evaluate)
+  os.makedirs(cfg.train.output_dir, exist_ok=True)
+  save_reference(paths[0], train_ref)
+  if eval_ref is not None:
+    save_reference(paths[1], eval_ref)
+  return train_ref, eval_ref
+
+
+def open_dpo_objective_data(cfg, tokenizer, process_index: int, process_count: int, evaluate: bool):
+  """The loop's ``Objective.open_data`` for DPO: the reference log-probs first when they are precomputed."""
+  ref = eval_ref = None
+  if cfg.dpo.reference == "precomputed":
+    ref, eval_ref = prepared_reference(cfg, tokenizer, evaluate, process_index, process_count)
+  return open_dpo_data(cfg, tokenizer, process_index, process_count, evaluate, reference=ref,
+                       eval_reference=eval_ref)

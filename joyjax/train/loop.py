@@ -27,7 +27,7 @@ from joyjax.data.tokenizer import load_tokenizer
 from joyjax.model import count_params, format_counts
 from joyjax.parallel import distributed, rules
 from joyjax.parallel.mesh import describe, make_mesh
-from joyjax.train import checkpoint, flops, harness, state as state_lib
+from joyjax.train import checkpoint, dpo, flops, harness, state as state_lib
 from joyjax.train.eval import lm_eval_metrics, make_lm_eval_step
 from joyjax.train.metrics import MetricsWriter, Throughput
 from joyjax.train.sample import sample_chat, sample_text
@@ -99,6 +99,9 @@ def _chat_sample(cfg, params, tokenizer):
 PRETRAIN = Objective("train", _pretrain_data, make_train_step, _lm_eval, sample=_text_sample)
 # SFT is the pretraining step on chat batches: the loss mask keeps the trained (assistant) tokens only.
 SFT = Objective("sft", _sft_data, make_train_step, _lm_eval, sample=_chat_sample)
+# DPO: chosen and rejected in one forward; the state carries the reference (or it is precomputed once).
+DPO = Objective("dpo", dpo.open_dpo_objective_data, dpo.make_dpo_step, dpo.make_dpo_eval,
+                init_state=dpo.dpo_state_from_params, sample=_chat_sample)
 
 
 def train(cfg, *, stop_after: int | None = None, stream=None, print_sample: bool = True,
