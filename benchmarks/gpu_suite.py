@@ -44,7 +44,7 @@ One-shot device script (a lent GPU machine without network: Python 3.12, JAX wit
 chex, but not ml-collections, grain or tokamax):
 
   1. here, from the repository root (needs the network): ``bash /work/shared/tools/gpu_wheels.sh``; it
-     downloads the missing wheels into ./.whl (git-ignored) and prints the install line;
+     downloads the missing wheels into ./.whl (git-ignored, about 10 MB) and prints the install line;
   2. on the device (the ``run`` tool with ``carry: [".whl"]``, ``timeout_s: 600``), the printed install line,
      then the suite under a timeout, its JSON into $OUT:
 
