@@ -106,6 +106,9 @@ def get_config() -> ml_collections.ConfigDict:
   po.beta = 0.1                    # strength of the KL penalty: rewards are beta * (log pi - log pi_ref)
   po.loss_type = "sigmoid"         # sigmoid (DPO; cDPO with label_smoothing > 0) | ipo (length-normalised)
   po.label_smoothing = 0.0         # sigmoid only: assumed probability that a pair's labels are flipped, [0, 0.5)
+  # Weight of the chosen responses' per-token negative log-likelihood added to the DPO loss (RPO, TRL's
+  # rpo_alpha): keeps DPO from lowering the chosen responses' likelihood along with the rejected ones'. 0 = off.
+  po.sft_weight = 0.0
   po.reference = "frozen"          # frozen (a copy of the starting params in the state) | precomputed (one pass)
   po.pairs_per_batch = 0           # pair slots per global batch (0 = train.batch_size); rows: train.batch_size
   po.overlong = "truncate"         # a pair longer than data.seq_len: truncate (prompt tail, response head) | skip

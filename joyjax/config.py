@@ -243,6 +243,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _require(po.beta > 0, "dpo.beta", f"must be positive, got {po.beta}")
   _require(po.loss_type in DPO_LOSS_TYPES, "dpo.loss_type", f"must be one of {DPO_LOSS_TYPES}, got {po.loss_type!r}")
   _require(0.0 <= po.label_smoothing < 0.5, "dpo.label_smoothing", f"must be in [0, 0.5), got {po.label_smoothing}")
+  _require(po.sft_weight >= 0, "dpo.sft_weight", f"must be >= 0 (0 = off), got {po.sft_weight}")
   _require(po.label_smoothing == 0 or po.loss_type == "sigmoid", "dpo.label_smoothing",
            f"applies to loss_type 'sigmoid' (conservative DPO) only, not {po.loss_type!r}; set it to 0")
   _require(po.reference in DPO_REFERENCES, "dpo.reference", f"must be one of {DPO_REFERENCES}, got {po.reference!r}")

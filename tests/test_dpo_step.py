@@ -194,3 +194,18 @@ def test_lora_reference_is_the_base_with_the_starting_router_biases(setup, tmp_p
   ref = np.asarray(fn(dpo.reference_params(lcfg, state), b))
   np.testing.assert_allclose(ref, np.asarray(fn(params, b)), rtol=1e-6, atol=1e-5)
   assert np.max(np.abs(np.asarray(fn(moved, b)) - ref)) > 1e-2
+
+
+def test_sft_weight_adds_the_chosen_per_token_nll(setup, logps):
+  """RPO (dpo.sft_weight): total loss = DPO loss + w * mean over pairs of -log p(chosen) / chosen tokens."""
+  cfg, params, tx, batch, _ = setup
+  w = 0.5
+  cfg_w = tiny_config({**OVER, "data.path": cfg.data.path, "dpo.sft_weight": w})
+  state, m = jax.jit(dpo.make_dpo_step(cfg_w, tx))(_frozen_state(cfg_w, tx, params), batch)
+  pairs = int(m["pairs"])
+  lp = logps(params, batch)
+  counts = np.asarray(dpo_losses.sequence_token_counts(cfg, {k: jnp.asarray(batch[k]) for k in DPO_KEYS}))
+  want_nll = np.mean(-lp[0:2 * pairs:2] / counts[0:2 * pairs:2])
+  np.testing.assert_allclose(float(m["chosen_nll"]), want_nll, rtol=1e-5)
+  np.testing.assert_allclose(float(m["loss"]), math.log(2), rtol=1e-6)  # the DPO part, unchanged
+  np.testing.assert_allclose(float(m["total_loss"]), math.log(2) + w * want_nll, rtol=1e-5)

@@ -149,6 +149,7 @@ def make_dpo_step(cfg, tx: optax.GradientTransformation, total_steps: int | None
   total = int(t.steps if total_steps is None else total_steps)
   keys = dpo_batch_keys(cfg)
   kw = _loss_kwargs(cfg)
+  sft_weight = float(cfg.dpo.sft_weight)
 
   def loss_fn(params, micro, ref, num_pairs):
     logps, aux = dpo_losses.sequence_logps(cfg, params, micro, with_aux=True)
@@ -157,8 +158,12 @@ def make_dpo_step(cfg, tx: optax.GradientTransformation, total_steps: int | None
     rc, rr = dpo_losses.split_pairs(ref)
     loss, metrics = dpo_losses.dpo_loss(pc, pr, rc, rr, pair_mask=live, num_pairs=num_pairs, chosen_tokens=c_tok,
                                         rejected_tokens=r_tok, **kw)
+    # RPO: the chosen responses' per-token NLL, a mean over the batch's pairs like the DPO terms.
+    nll = jnp.sum(jnp.where(live, -pc / jnp.maximum(c_tok, 1.0), 0.0)) / num_pairs
+    if sft_weight > 0:
+      loss = loss + sft_weight * nll
     moe = model.aux_summary(aux)
-    stats = {**metrics, "loss_tokens": jnp.sum(c_tok) + jnp.sum(r_tok), "dropped_tokens": moe["dropped_tokens"],
+    stats = {**metrics, "chosen_nll": nll, "loss_tokens": jnp.sum(c_tok) + jnp.sum(r_tok), "dropped_tokens": moe["dropped_tokens"],
              "expert_counts": moe["expert_counts"], "layer_counts": moe["layer_counts"]}
     return loss, stats
 
@@ -203,6 +208,8 @@ def make_dpo_step(cfg, tx: optax.GradientTransformation, total_steps: int | None
     metrics = {name: stats[name] for name in dpo_losses.DPO_METRICS}
     metrics.update({
         "pairs": stats["pairs"],
+        "chosen_nll": stats["chosen_nll"],
+        "total_loss": loss,
         "loss_tokens": stats["loss_tokens"],
         "grad_norm": grad_norm,
         "param_norm": optax.global_norm(params),
