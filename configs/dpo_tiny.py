@@ -18,8 +18,9 @@ def get_config():
   c.train.eval_every = 50
   c.dpo.beta = 0.1
   c.dpo.loss_type = "sigmoid"
+  c.dpo.sft_weight = 1.0             # RPO: without it the chosen responses' likelihood falls with the rejected
   c.optim.name = "adamw"
-  c.optim.lr = 2e-4
+  c.optim.lr = 1e-4
   c.optim.schedule = "cosine"
   c.optim.warmup_steps = 5
   c.checkpoint.every = 50
