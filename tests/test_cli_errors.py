@@ -87,6 +87,29 @@ def test_unknown_config_key(tmp_path):
                   "config error", "'train.stepz'", "configs/base.py", "Did you mean 'train.steps'")
 
 
+def test_post_training_commands_name_their_missing_inputs(tmp_path, corpus):
+  """`joyjax sft` / `joyjax dpo` without conversation or pair files, and a preference row without a rejected
+  response, end as one line naming the key or the file and row."""
+  sft_cfg, dpo_cfg = (f"{ROOT}/configs/{n}.py" for n in ("sft_tiny", "dpo_tiny"))
+  out = f"--config.train.output_dir={tmp_path / 'run'}"
+  assert_one_line(joyjax(tmp_path, "sft", "--config", sft_cfg, out), "sft", "config error", "'data.path'",
+                  "conversation")
+  assert_one_line(joyjax(tmp_path, "sft", "--config", sft_cfg, out, "--config.sft.train_on=user"), "sft",
+                  "config error", "'sft.train_on'")
+  assert_one_line(joyjax(tmp_path, "dpo", "--config", dpo_cfg, out, "--config.dpo.loss_type=hinge"), "dpo",
+                  "config error", "'dpo.loss_type'")
+  pairs = tmp_path / "pairs.jsonl"
+  pairs.write_text(json.dumps({"prompt": "What is 1 + 1?", "chosen": "The answer is 2."}) + "\n")
+  no_eval = ("--config.train.eval_every=0", "--config.data.eval_fraction=0")
+  assert_one_line(joyjax(tmp_path, "dpo", "--config", dpo_cfg, out, f"--config.data.path={pairs}", *no_eval,
+                         f"--config.data.tokenizer={corpus / 'tokenizer.json'}"), "dpo", "data error",
+                  "pairs.jsonl", "rejected", config_printed=True)  # rows are read when the first batch is packed
+  # with held-out pairs asked for and too few rows to hold any out, the error says so
+  assert_one_line(joyjax(tmp_path, "dpo", "--config", dpo_cfg, out, f"--config.data.path={pairs}",
+                         f"--config.data.tokenizer={corpus / 'tokenizer.json'}"), "dpo", "data error",
+                  "no evaluation pairs", "data.eval_fraction")
+
+
 def test_bad_config_value(tmp_path):
   assert_one_line(joyjax(tmp_path, "train", *train_args(tmp_path, "--config.optim.name=sgd")), "train",
                   "config error", "'optim.name'", "'adamw' or 'muon'")
