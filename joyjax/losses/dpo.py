@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from joyjax import model
 from joyjax.config import DPO_LOSS_TYPES
 from joyjax.batch import dpo_pairs_per_batch
+from joyjax.losses.lm import token_chunks
 
 DPO_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin",
                "logps/chosen", "logps/rejected")
@@ -46,18 +47,8 @@ def chunked_token_logps(hidden, head_w, targets, live, *, chunk: int):
   are not live are exactly 0, and their hidden is zeroed before the head (so a non-finite value there cannot
   reach the gradient of ``head_w``; live tokens are untouched), as in ``losses.lm.chunked_cross_entropy``.
   """
-  b, s, e = hidden.shape
-  h = hidden.reshape(-1, e)
-  t = targets.reshape(-1).astype(jnp.int32)
-  m = live.reshape(-1)
-  n = h.shape[0]
-  chunk = max(1, min(int(chunk), n))
-  pad = (-n) % chunk
-  if pad:
-    h = jnp.pad(h, ((0, pad), (0, 0)))
-    t = jnp.pad(t, (0, pad))
-    m = jnp.pad(m, (0, pad))
-  nc = h.shape[0] // chunk
+  b, s, _ = hidden.shape
+  h, t, m = token_chunks(hidden, targets, live, chunk)
   head_w = head_w.astype(hidden.dtype)
 
   @jax.checkpoint
@@ -68,9 +59,8 @@ def chunked_token_logps(hidden, head_w, targets, live, *, chunk: int):
     tgt = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
     return jnp.where(mc, tgt - lse, 0.0)
 
-  _, out = jax.lax.scan(lambda carry, xs: (carry, one(*xs)), None,
-                        (h.reshape(nc, chunk, e), t.reshape(nc, chunk), m.reshape(nc, chunk)))
-  return out.reshape(-1)[:n].reshape(b, s)
+  _, out = jax.lax.scan(lambda carry, xs: (carry, one(*xs)), None, (h, t, m))
+  return out.reshape(-1)[:b * s].reshape(b, s)
 
 
 def num_sequences(cfg) -> int:

@@ -17,17 +17,14 @@ import jax.numpy as jnp
 from joyjax import model
 
 
-def chunked_cross_entropy(hidden, head_w, targets, weights, *, chunk: int):
-  """Sums over tokens of cross-entropy, log(Z)^2 and correct top-1 predictions, weighted by ``weights``.
-
-  hidden: [b, s, e] (compute dtype); head_w: [e, vocab]; targets: [b, s] int; weights: [b, s] float.
-  Returns (ce_sum, z_sum, correct_sum), float32 scalars. Weight-0 tokens contribute exactly nothing (their
-  terms are selected away, so a non-finite logit there cannot leak into the sums or the gradient).
-  """
+def token_chunks(hidden, targets, weights, chunk: int):
+  """Flattens ``[b, s, ...]`` tokens into chunks for a scan over the vocabulary head: hidden [b, s, e] ->
+  [nc, chunk, e], targets -> int32 [nc, chunk], weights -> [nc, chunk]; the tail is padded with weight-0 (or
+  False) tokens. ``chunk`` is clipped to [1, b * s]."""
   e = hidden.shape[-1]
   h = hidden.reshape(-1, e)
   t = targets.reshape(-1).astype(jnp.int32)
-  w = weights.reshape(-1).astype(jnp.float32)
+  w = weights.reshape(-1)
   n = h.shape[0]
   chunk = max(1, min(int(chunk), n))
   pad = (-n) % chunk
@@ -36,6 +33,17 @@ def chunked_cross_entropy(hidden, head_w, targets, weights, *, chunk: int):
     t = jnp.pad(t, (0, pad))
     w = jnp.pad(w, (0, pad))
   nc = h.shape[0] // chunk
+  return h.reshape(nc, chunk, e), t.reshape(nc, chunk), w.reshape(nc, chunk)
+
+
+def chunked_cross_entropy(hidden, head_w, targets, weights, *, chunk: int):
+  """Sums over tokens of cross-entropy, log(Z)^2 and correct top-1 predictions, weighted by ``weights``.
+
+  hidden: [b, s, e] (compute dtype); head_w: [e, vocab]; targets: [b, s] int; weights: [b, s] float.
+  Returns (ce_sum, z_sum, correct_sum), float32 scalars. Weight-0 tokens contribute exactly nothing (their
+  terms are selected away, so a non-finite logit there cannot leak into the sums or the gradient).
+  """
+  h, t, w = token_chunks(hidden, targets, weights.astype(jnp.float32), chunk)
   head_w = head_w.astype(hidden.dtype)
 
   @jax.checkpoint
@@ -57,9 +65,7 @@ def chunked_cross_entropy(hidden, head_w, targets, weights, *, chunk: int):
     return tuple(a + o for a, o in zip(acc, out)), None
 
   zero = jnp.zeros((), jnp.float32)
-  (ce, z, correct), _ = jax.lax.scan(
-      body, (zero, zero, zero),
-      (h.reshape(nc, chunk, e), t.reshape(nc, chunk), w.reshape(nc, chunk)))
+  (ce, z, correct), _ = jax.lax.scan(body, (zero, zero, zero), (h, t, w))
   return ce, z, jax.lax.stop_gradient(correct)
 
 

@@ -45,7 +45,7 @@ from joyjax.errors import ConfigError
 from joyjax.losses import dpo as dpo_losses
 from joyjax.train import state as state_lib
 from joyjax.train.harness import agree
-from joyjax.train.step import _split_micro
+from joyjax.train.step import accumulate, apply_gradients
 from joyjax.tree import path_str
 
 
@@ -177,34 +177,8 @@ def make_dpo_step(cfg, tx: optax.GradientTransformation, total_steps: int | None
     def micro_grads(micro):
       return grad_fn(params, micro, reference_logps(cfg, state, micro), num_pairs)
 
-    if k == 1:
-      (loss, stats), grads = micro_grads(batch)
-    else:
-      micros = _split_micro(batch, k)
-
-      def body(acc, micro):
-        (l, s), g = micro_grads(micro)
-        return jax.tree.map(jnp.add, acc, (l, s, g)), None
-
-      zeros = jax.eval_shape(micro_grads, jax.tree.map(lambda x: x[0], micros))
-      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
-      (loss, stats, grads), _ = jax.lax.scan(body, (zeros[0][0], zeros[0][1], zeros[1]), micros)
-
-    grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt = tx.update(grads, state["opt_state"], params)
-    new_params = optax.apply_updates(params, updates)
-    if t.router_bias_rate > 0:
-      new_params = model.update_router_biases(cfg, new_params, stats["expert_counts"], float(t.router_bias_rate))
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-    new_state = dict(state)
-    new_state.update({
-        "step": state["step"] + 1,
-        "params": keep(new_params, params),
-        "opt_state": keep(new_opt, state["opt_state"]),
-        "nonfinite": jnp.where(finite, 0, state["nonfinite"] + 1).astype(jnp.int32),
-        "skipped": state["skipped"] + (~finite).astype(jnp.int32),
-    })
+    (loss, stats), grads = accumulate(micro_grads, batch, k)
+    new_state, finite, grad_norm = apply_gradients(cfg, tx, state, grads, loss, stats["expert_counts"])
     metrics = {name: stats[name] for name in dpo_losses.DPO_METRICS}
     metrics.update({
         "pairs": stats["pairs"],

@@ -32,6 +32,48 @@ def _split_micro(batch, k: int):
   return jax.tree.map(one, batch)
 
 
+def accumulate(grad_fn, batch, k: int):
+  """((loss, stats), grads) of ``batch`` summed over ``k`` micro-batches in a ``lax.scan`` (memory of one):
+  ``grad_fn(micro) -> ((loss, stats), grads)``, each micro-batch already normalised by the whole batch."""
+  if k == 1:
+    return grad_fn(batch)
+  micros = _split_micro(batch, k)
+
+  def body(acc, micro):
+    (l, s), g = grad_fn(micro)
+    return jax.tree.map(jnp.add, acc, (l, s, g)), None
+
+  zeros = jax.eval_shape(grad_fn, jax.tree.map(lambda x: x[0], micros))
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+  (loss, stats, grads), _ = jax.lax.scan(body, (zeros[0][0], zeros[0][1], zeros[1]), micros)
+  return (loss, stats), grads
+
+
+def apply_gradients(cfg, tx: optax.GradientTransformation, state: dict, grads, loss, expert_counts):
+  """(new state, finite, grad norm): the optimizer update, then the router-bias update from the step's
+  ``expert_counts`` ({stack: [layers, E]}); a step whose loss or gradient norm is not finite changes nothing
+  but ``step``, ``nonfinite`` and ``skipped``. Keys of ``state`` besides those (e.g. a DPO reference) pass
+  through unchanged."""
+  t = cfg.train
+  params = state["params"]
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, new_opt = tx.update(grads, state["opt_state"], params)
+  new_params = optax.apply_updates(params, updates)
+  if t.router_bias_rate > 0:
+    new_params = model.update_router_biases(cfg, new_params, expert_counts, float(t.router_bias_rate))
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+  new_state = dict(state)
+  new_state.update({
+      "step": state["step"] + 1,
+      "params": keep(new_params, params),
+      "opt_state": keep(new_opt, state["opt_state"]),
+      "nonfinite": jnp.where(finite, 0, state["nonfinite"] + 1).astype(jnp.int32),
+      "skipped": state["skipped"] + (~finite).astype(jnp.int32),
+  })
+  return new_state, finite, grad_norm
+
+
 def make_train_step(cfg, tx: optax.GradientTransformation, total_steps: int | None = None):
   """The step function for ``cfg`` and the optimizer ``tx`` (jit it with shardings and donation)."""
   t = cfg.train
@@ -47,30 +89,8 @@ def make_train_step(cfg, tx: optax.GradientTransformation, total_steps: int | No
     batch = {key: batch[key] for key in LM_KEYS}
     denom = lm.denominators(cfg, batch)
     params = state["params"]
-    if k == 1:
-      (loss, stats), grads = grad_fn(params, batch, denom)
-    else:
-      def body(acc, micro):
-        (l, s), g = grad_fn(params, micro, denom)
-        return jax.tree.map(jnp.add, acc, (l, s, g)), None
-      zeros = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], _split_micro(batch, k)), denom)
-      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
-      (loss, stats, grads), _ = jax.lax.scan(body, (zeros[0][0], zeros[0][1], zeros[1]), _split_micro(batch, k))
-
-    grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt = tx.update(grads, state["opt_state"], params)
-    new_params = optax.apply_updates(params, updates)
-    if t.router_bias_rate > 0:
-      new_params = model.update_router_biases(cfg, new_params, stats["expert_counts"], float(t.router_bias_rate))
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    new_state = {
-        "step": state["step"] + 1,
-        "params": keep(new_params, params),
-        "opt_state": keep(new_opt, state["opt_state"]),
-        "nonfinite": jnp.where(finite, 0, state["nonfinite"] + 1).astype(jnp.int32),
-        "skipped": state["skipped"] + (~finite).astype(jnp.int32),
-    }
+    (loss, stats), grads = accumulate(lambda micro: grad_fn(params, micro, denom), batch, k)
+    new_state, finite, grad_norm = apply_gradients(cfg, tx, state, grads, loss, stats["expert_counts"])
     tokens = stats["tokens"]
     metrics = {
         "loss": stats["ce_sum"] / jnp.maximum(tokens, 1.0),
