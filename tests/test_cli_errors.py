@@ -87,6 +87,7 @@ def test_unknown_config_key(tmp_path):
                   "config error", "'train.stepz'", "configs/base.py", "Did you mean 'train.steps'")
 
 
+@pytest.mark.slow  # a faster test in the fast loop covers the same behaviour
 def test_post_training_commands_name_their_missing_inputs(tmp_path, corpus):
   """`joyjax sft` / `joyjax dpo` without conversation or pair files, and a preference row without a rejected
   response, end as one line naming the key or the file and row."""
@@ -117,6 +118,7 @@ def test_bad_config_value(tmp_path):
                   "config error", "'train.steps'", "cannot parse 'many' as int")
 
 
+@pytest.mark.slow  # a faster test in the fast loop covers the same behaviour
 def test_missing_or_broken_config_file(tmp_path):
   missing = tmp_path / "nope.py"
   assert_one_line(joyjax(tmp_path, "train", "--config", missing), "train", "config error", str(missing),
@@ -197,6 +199,7 @@ def test_sample_missing_checkpoint(tmp_path):
   assert not missing.exists()  # not created by looking
 
 
+@pytest.mark.slow  # a faster test in the fast loop covers the same behaviour
 def test_convert_missing_inputs_and_existing_output(tmp_path):
   missing = tmp_path / "nonexistent"
   assert_one_line(joyjax(tmp_path, "convert", "--hf-dir", missing, "--out", tmp_path / "x"), "convert",
@@ -212,6 +215,7 @@ def test_convert_missing_inputs_and_existing_output(tmp_path):
   assert (out / "keep.txt").read_text() == "precious"
 
 
+@pytest.mark.slow  # a faster test in the fast loop covers the same behaviour
 def test_usage_errors_stay_argparse_errors(tmp_path):
   rc, _, err = joyjax(tmp_path, "convert", "--out", tmp_path / "x")
   assert rc == 2 and "--hf-dir" in err and "Traceback" not in err

@@ -5,6 +5,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 from conftest import DATA_CACHE
 from joyjax import cli, model
@@ -24,6 +25,7 @@ def overrides(out_dir, *extra):
           "--config.optim.name=adamw", "--config.optim.lr=1e-30", "--config.train.router_bias_rate=0.0", *extra]
 
 
+@pytest.mark.slow  # a faster test in the fast loop covers the same behaviour
 def test_convert_then_init_from_then_sample(tmp_path, capsys):
   # A Hugging Face checkpoint of the tiny architecture (random weights, seed 7).
   cfg0 = load_config(TINY)

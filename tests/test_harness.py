@@ -130,6 +130,7 @@ def test_final_eval_loss_equals_a_float64_recomputation(run):
   assert row["eval/accuracy"] == pytest.approx(correct / n, abs=1.5 / n)  # a near-tie argmax may flip
 
 
+@pytest.mark.slow  # a faster test in the fast loop covers the same behaviour
 def test_eval_is_identical_across_resume(run, tmp_path):
   cfg = load_config(TINY, overrides(tmp_path))
   first = train(cfg, stop_after=4, stream=io.StringIO())

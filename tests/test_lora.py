@@ -102,6 +102,7 @@ def test_fresh_adapters_compute_the_base_model():
   np.testing.assert_allclose(dec, logits, atol=1e-4)
 
 
+@pytest.mark.slow  # a faster test in the fast loop covers the same behaviour
 def test_bfloat16_base():
   """base_dtype bfloat16: the base leaves are stored in it (adapters in param_dtype), and the model with fresh
   adapters computes what the same bf16 weights compute without LoRA."""

@@ -81,6 +81,7 @@ def _metrics_losses(out_dir):
   return {r["step"]: r["loss"] for r in rows}
 
 
+@pytest.mark.slow  # a faster test in the fast loop covers the same behaviour
 def test_sigterm_saves_and_resume_is_exact(straight_run, tmp_path):
   """A real `python -m joyjax.train` process gets SIGTERM mid-run: it saves the step it finished and exits 0;
   running the same command again continues to the end with the uninterrupted run's losses and params."""
