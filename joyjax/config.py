@@ -212,6 +212,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 
   d = cfg.data
   _require(d.seq_len > 1, "data.seq_len", f"must be > 1, got {d.seq_len}")
+  _require(d.num_epochs >= 0, "data.num_epochs", f"must be >= 0 (0 = repeat forever), got {d.num_epochs}")
+  _require(d.worker_count >= 0, "data.worker_count", f"must be >= 0 (0 = in-process), got {d.worker_count}")
   _require(d.format in DATA_FORMATS, "data.format", f"must be one of {DATA_FORMATS}, got {d.format!r}")
   o = cfg.optim
   _require(o.name in OPTIMIZERS, "optim.name", f"must be {' or '.join(map(repr, OPTIMIZERS))}, got {o.name!r}")

@@ -418,24 +418,13 @@ def make_dpo_dataset(config, tokenizer: Tokenizer, *, process_index: int = 0, pr
   """This process's training batches (module docstring): shuffled and repeated per ``data.*``, or with
   ``one_pass`` every training pair once in index order (the reference pass)."""
   d = config.data
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
-  if d.num_epochs < 0:
-    raise ConfigError(f"config key 'data.num_epochs': must be >= 0 (0 = repeat forever), got {d.num_epochs}")
   source = source if source is not None else open_pairs(config)
   render = render if render is not None else _renderer(config, tokenizer, source, reference)
   held = pipeline.held_out(config)
   ds = grain.MapDataset.source(_IndexedRows(source if held is None else pipeline._WithoutHeldOut(source, held)))
-  ds = ds[process_index::process_count]
-  if len(ds) == 0:
-    raise DataError(f"process {process_index} of {process_count} has no preference rows: data.path ({d.path}) has "
-                    f"{len(source)} rows")
-  if one_pass:
-    ds = ds.repeat(1)
-  else:
-    if d.shuffle:
-      ds = ds.shuffle(seed=d.seed % 2**32)
-    ds = ds.repeat(None if d.num_epochs == 0 else d.num_epochs)
+  ds = pipeline.process_epochs(config, ds, process_index=process_index, process_count=process_count,
+                               what="preference rows", where=f"data.path ({d.path}) has {len(source)} rows",
+                               one_pass=one_pass)
   return _packed(config, tokenizer, ds, render, process_index=process_index, process_count=process_count, threads=8)
 
 

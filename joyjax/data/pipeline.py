@@ -256,38 +256,53 @@ def make_eval_dataset(config, tokenizer: Tokenizer, *, process_index: int = 0, p
   return it.map(packing.to_example).batch(batch, drop_remainder=True)
 
 
+def process_epochs(config, ds: grain.MapDataset, *, process_index: int, process_count: int, what: str,
+                   where: str, one_pass: bool = False) -> grain.MapDataset:
+  """Steps 2-4 of the module docstring, shared by the pretraining, SFT and DPO pipelines: this process's
+  slice of ``ds``, shuffled with ``data.seed`` and repeated ``data.num_epochs`` times (0 = forever); with
+  ``one_pass``, the slice once in index order. A process left with nothing is a DataError ("process i of n
+  has no <what>: <where>")."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
+  ds = ds[process_index::process_count]
+  if len(ds) == 0:
+    raise DataError(f"process {process_index} of {process_count} has no {what}: {where}")
+  if one_pass:
+    return ds.repeat(1)
+  d = config.data
+  if d.shuffle:
+    ds = ds.shuffle(seed=d.seed % 2**32)
+  return ds.repeat(None if d.num_epochs == 0 else d.num_epochs)
+
+
+def with_workers(config, it: grain.IterDataset) -> grain.IterDataset:
+  """Step 7: ``data.worker_count`` worker processes run the pipeline before this point (none when 0)."""
+  if config.data.worker_count == 0:
+    return it
+  # grain's worker processes read absl flags; outside absl.app.run nothing has parsed them.
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  return it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.worker_count))
+
+
 def make_dataset(config, tokenizer: Tokenizer, *, process_index: int = 0, process_count: int = 1,
                  batch_size: int | None = None, source: DocumentSource | None = None) -> grain.IterDataset:
   """The grain ``IterDataset`` of batches (see module docstring); ``make_iterator`` wraps its iterator."""
   d = config.data
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
   _check_specials(config, tokenizer)
-  if d.num_epochs < 0:
-    raise ConfigError(f"config key 'data.num_epochs': must be >= 0 (0 = repeat forever), got {d.num_epochs}")
   batch = _per_process_batch(config, process_count, batch_size)
   source = source if source is not None else open_corpus(config)
   held = held_out(config)
   ds = grain.MapDataset.source(source if held is None else _WithoutHeldOut(source, held))
-  ds = ds[process_index::process_count]
-  if len(ds) == 0:
-    raise DataError(f"process {process_index} of {process_count} has no documents: data.path "
-                    f"({d.path or 'embedded corpus'}) has {len(source)} rows")
-  if d.shuffle:
-    ds = ds.shuffle(seed=d.seed % 2**32)
-  ds = ds.repeat(None if d.num_epochs == 0 else d.num_epochs)
+  ds = process_epochs(config, ds, process_index=process_index, process_count=process_count, what="documents",
+                      where=f"data.path ({d.path or 'embedded corpus'}) has {len(source)} rows")
   ds = ds.map(Encode(tokenizer, d.add_bos, d.add_eos))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=8, prefetch_buffer_size=128))
   it = packing.PackIterDataset(it, row_len=d.seq_len + 1, pad_id=tokenizer.pad_id)
   it = it.map(packing.to_example)
   it = it.batch(batch, drop_remainder=True)
-  if d.worker_count > 0:
-    # grain's worker processes read absl flags; outside absl.app.run nothing has parsed them.
-    from absl import flags
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.worker_count))
-  return it
+  return with_workers(config, it)
 
 
 # Layout keys written only when they differ from these values (states written before the key existed match).

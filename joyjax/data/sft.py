@@ -52,7 +52,8 @@ from joyjax.batch import LM_KEYS
 from joyjax.config import CHAT_TRAIN_ON, OVERLONG_RULES
 from joyjax.errors import ConfigError, DataError
 from joyjax.data import chat
-from joyjax.data.pipeline import DataIterator, HeldOut, _mix64, _per_process_batch, held_out
+from joyjax.data.pipeline import (DataIterator, HeldOut, _mix64, _per_process_batch, held_out, process_epochs,
+                                  with_workers)
 from joyjax.data.sources import DocumentSource, _FIX, open_rows
 from joyjax.data.tokenizer import Tokenizer
 
@@ -278,31 +279,17 @@ def make_sft_dataset(config, tokenizer: Tokenizer, *, process_index: int = 0, pr
                      batch_size: int | None = None, source: DocumentSource | None = None) -> grain.IterDataset:
   """The grain ``IterDataset`` of SFT batches, counters included (``make_sft_iterator`` wraps its iterator)."""
   d = config.data
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
   check_sft_config(config)
-  if d.num_epochs < 0:
-    raise ConfigError(f"config key 'data.num_epochs': must be >= 0 (0 = repeat forever), got {d.num_epochs}")
   batch = _per_process_batch(config, process_count, batch_size)
   source = source if source is not None else open_conversations(config)
   ds = grain.MapDataset.source(_Rows(source, skip_malformed=d.skip_malformed, held=held_out(config)))
-  ds = ds[process_index::process_count]
-  if len(ds) == 0:
-    raise DataError(f"process {process_index} of {process_count} has no conversations: data.path ({d.path}) "
-                    f"has {len(source)} rows")
-  if d.shuffle:
-    ds = ds.shuffle(seed=d.seed % 2**32)
-  ds = ds.repeat(None if d.num_epochs == 0 else d.num_epochs)
+  ds = process_epochs(config, ds, process_index=process_index, process_count=process_count, what="conversations",
+                      where=f"data.path ({d.path}) has {len(source)} rows")
   ds = ds.map(_encoder(config, tokenizer, source))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=8, prefetch_buffer_size=128))
   it = SftPackIterDataset(it, row_len=d.seq_len + 1, pad_id=tokenizer.pad_id)
   it = it.map(to_sft_example).batch(batch, drop_remainder=True)
-  if d.worker_count > 0:
-    from absl import flags  # grain's worker processes read absl flags; outside absl.app.run none are parsed
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.worker_count))
-  return it
+  return with_workers(config, it)
 
 
 def make_sft_eval_dataset(config, tokenizer: Tokenizer, *, process_index: int = 0, process_count: int = 1,
