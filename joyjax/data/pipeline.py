@@ -212,16 +212,7 @@ def held_out(config) -> HeldOut | None:
   d = config.data
   if d.eval_fraction == 0:
     return None
-  if d.eval_path:
-    raise ConfigError("config keys 'data.eval_path' and 'data.eval_fraction': evaluate on separate files or on a "
-                      "held-out fraction of the training corpus, not both; set data.eval_fraction=0 or "
-                      "data.eval_path=\"\"")
-  return HeldOut(d.eval_fraction)
-
-
-def has_eval_data(config) -> bool:
-  """Whether ``config.data`` names an evaluation set (``data.eval_path`` or ``data.eval_fraction``)."""
-  return bool(config.data.eval_path) or held_out(config) is not None
+  return HeldOut(d.eval_fraction)  # config.validate refuses it together with data.eval_path
 
 
 def make_eval_dataset(config, tokenizer: Tokenizer, *, process_index: int = 0, process_count: int = 1,

@@ -107,11 +107,6 @@ def reference_params(cfg, state) -> dict:
                                           model.zero_adapters(cfg, state["params"]))
 
 
-def abstract_dpo_state(cfg, tx) -> dict:
-  """ShapeDtypeStructs of the DPO state, nothing allocated."""
-  return jax.eval_shape(lambda k: dpo_state_from_params(cfg, tx, model.init(cfg, k)), jax.random.key(0))
-
-
 # ------------------------------------------------------------------------------------------- log-probs
 
 
