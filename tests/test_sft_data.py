@@ -18,6 +18,7 @@ import pytest
 import chat_data as cd
 from configs import base
 from joyjax.batch import LM_KEYS
+from joyjax.config import validate
 from joyjax.errors import ConfigError, DataError
 from joyjax.data import chat, sft
 from joyjax.data.pipeline import HeldOut
@@ -324,10 +325,14 @@ def test_malformed_rows_name_file_and_row_or_are_skipped_and_counted(tmp_path, t
 
 def test_config_errors_name_the_key(tmp_path, tok):
   path = cd.write_jsonl(tmp_path / "c.jsonl", cd.messages_rows(cd.conversations(4)))
+  # the sft.* values are checked with the rest of the config (config.validate, run by every config load)
   for key, value, match in (("sft__train_on", "users", "sft.train_on"), ("sft__overlong", "cut", "sft.overlong"),
-                            ("sft__thinking_ratio", 1.5, "sft.thinking_ratio"), ("data__path", "", "data.path")):
+                            ("sft__thinking_ratio", 1.5, "sft.thinking_ratio")):
     with pytest.raises(ConfigError, match=match):
-      sft.make_sft_iterator(_cfg(path, **{key: value}), tok)
+      validate(_cfg(path, **{key: value}))
+  # SFT without conversation files: by the SFT pipeline
+  with pytest.raises(ConfigError, match="data.path"):
+    sft.make_sft_iterator(_cfg(path, data__path=""), tok)
 
 
 # Starts worker processes; test_resume_from_a_saved_state_gives_the_same_next_batches is the in-process case.

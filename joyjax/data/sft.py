@@ -49,7 +49,6 @@ import grain
 import numpy as np
 
 from joyjax.batch import LM_KEYS
-from joyjax.config import CHAT_TRAIN_ON, OVERLONG_RULES
 from joyjax.errors import ConfigError, DataError
 from joyjax.data import chat
 from joyjax.data.pipeline import (DataIterator, HeldOut, _mix64, _per_process_batch, held_out, process_epochs,
@@ -64,14 +63,8 @@ _SALT = 0x7468696E6B696E67        # "thinking": separates the mode hash from Hel
 
 
 def check_sft_config(config) -> None:
-  """ConfigError naming the key for an ``sft.*`` value outside its domain, or SFT without data files."""
-  s = config.sft
-  if not 0.0 <= s.thinking_ratio <= 1.0:
-    raise ConfigError(f"config key 'sft.thinking_ratio': must be in [0, 1], got {s.thinking_ratio}")
-  if s.train_on not in CHAT_TRAIN_ON:
-    raise ConfigError(f"config key 'sft.train_on': must be one of {', '.join(CHAT_TRAIN_ON)}, got {s.train_on!r}")
-  if s.overlong not in OVERLONG_RULES:
-    raise ConfigError(f"config key 'sft.overlong': must be one of {', '.join(OVERLONG_RULES)}, got {s.overlong!r}")
+  """ConfigError naming the key when the data cannot be SFT data (no files, or plain text files); the ``sft.*``
+  values themselves are checked by ``config.validate``."""
   if not config.data.path:
     raise ConfigError("config key 'data.path': SFT needs conversation files (JSON lines or Parquet rows with "
                       "'messages', or 'prompt' and 'response'); the embedded corpus is for pretraining")

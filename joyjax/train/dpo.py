@@ -39,7 +39,6 @@ import optax
 
 from joyjax import model, optim
 from joyjax.batch import DPO_KEYS, DPO_REF_KEY
-from joyjax.config import DPO_LOSS_TYPES, DPO_REFERENCES, OVERLONG_RULES
 from joyjax.data.dpo import make_dpo_eval_dataset, make_dpo_iterator
 from joyjax.errors import ConfigError
 from joyjax.losses import dpo as dpo_losses
@@ -48,25 +47,6 @@ from joyjax.train.harness import agree
 from joyjax.train.step import accumulate, apply_gradients
 from joyjax.tree import path_str
 
-
-
-def check_dpo_config(cfg) -> None:
-  """The ``dpo.*`` keys' values and their consistency; ConfigError naming the key."""
-  p = cfg.dpo
-  problems = [
-      (p.beta > 0, "dpo.beta", f"must be positive, got {p.beta}"),
-      (p.loss_type in DPO_LOSS_TYPES, "dpo.loss_type",
-       f"must be one of {DPO_LOSS_TYPES}, got {p.loss_type!r}"),
-      (0.0 <= p.label_smoothing < 0.5, "dpo.label_smoothing", f"must be in [0, 0.5), got {p.label_smoothing}"),
-      (p.label_smoothing == 0 or p.loss_type == "sigmoid", "dpo.label_smoothing",
-       f"applies to loss_type 'sigmoid' (conservative DPO) only, not {p.loss_type!r}; set it to 0"),
-      (p.reference in DPO_REFERENCES, "dpo.reference", f"must be one of {DPO_REFERENCES}, got {p.reference!r}"),
-      (p.overlong in OVERLONG_RULES, "dpo.overlong", f"must be one of {OVERLONG_RULES}, got {p.overlong!r}"),
-      (p.pairs_per_batch >= 0, "dpo.pairs_per_batch", f"must be >= 0 (0 = train.batch_size), got {p.pairs_per_batch}"),
-  ]
-  for ok, key, msg in problems:
-    if not ok:
-      raise ConfigError(f"config key {key!r}: {msg}")
 
 
 def dpo_batch_keys(cfg) -> tuple[str, ...]:
@@ -138,7 +118,6 @@ def make_dpo_step(cfg, tx: optax.GradientTransformation, total_steps: int | None
   donation). Metrics: ``losses.dpo.DPO_METRICS`` (means over the batch's real pairs), ``pairs``, ``loss_tokens``
   (response tokens), ``grad_norm``, ``param_norm``, ``finite`` / ``nonfinite`` / ``skipped``, ``dropped_tokens``,
   ``expert_counts`` and the learning rates ``lr/...``."""
-  check_dpo_config(cfg)
   t = cfg.train
   k = int(t.grad_accum)
   total = int(t.steps if total_steps is None else total_steps)
@@ -200,7 +179,6 @@ def make_dpo_step(cfg, tx: optax.GradientTransformation, total_steps: int | None
 def make_dpo_eval_step(cfg):
   """``eval_step(state, batch) -> sums`` over the batch's real pairs: ``pairs`` and the sums of
   ``losses.dpo.DPO_METRICS`` (``rewards/accuracy``: pairs whose chosen reward beats the rejected one)."""
-  check_dpo_config(cfg)
   keys = dpo_batch_keys(cfg)
   kw = _loss_kwargs(cfg)
 
@@ -288,7 +266,6 @@ def open_dpo_data(cfg, tokenizer, process_index: int, process_count: int, evalua
                   eval_reference=None):
   """(training iterator, eval dataset or None) of this process, for the loop's ``Objective.open_data``. With
   ``dpo.reference = "precomputed"`` pass ``reference_pass``'s results (``eval_reference`` when evaluating)."""
-  check_dpo_config(cfg)
   if cfg.dpo.reference == "precomputed" and (reference is None or (evaluate and eval_reference is None)):
     raise ConfigError("config key 'dpo.reference': 'precomputed' needs the reference log-probs of every pair "
                       "before training (train.dpo.reference_pass, with the starting params)")
