@@ -117,10 +117,10 @@ def test_bfloat16_base():
 
 
 def test_bad_settings_name_the_key():
-  with pytest.raises(ConfigError, match="model.lora.targets"):
-    model.abstract_params(lora_cfg(model__lora__targets="attention,experts"))
+  with pytest.raises(ConfigError, match="model.lora.targets"):  # when the config loads (config.validate)
+    lora_cfg(model__lora__targets="attention,experts")
   with pytest.raises(ConfigError, match="model.lora.alpha"):
-    model.abstract_params(lora_cfg(model__lora__alpha=0.0))
+    lora_cfg(model__lora__alpha=0.0)
   with pytest.raises(ConfigError, match="model.lora.rank"):  # adapters in the params, LoRA off in the config
     model.merge_lora(tiny_config(), model.init(lora_cfg(), jax.random.key(0)))
 

@@ -21,8 +21,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from joyjax import kernels
-from joyjax.config import DTYPES, LORA_TARGETS
-from joyjax.errors import ConfigError
 from joyjax.model.layers import dtype_of
 
 # ``model.lora.targets`` values: MLA projections, the dense layers' MLP, the shared expert, the routed experts.
@@ -44,23 +42,12 @@ class LoRA:
 
 
 def settings(m) -> LoRA | None:
-  """The LoRA settings of the model config ``m`` (its ``model`` group), None when ``model.lora.rank`` is 0.
-  Raises ``ConfigError`` naming the key for a negative rank, a non-positive alpha, an unknown or empty target
-  list or an unknown base dtype."""
+  """The LoRA settings of the model config ``m`` (its ``model`` group), None when ``model.lora.rank`` is 0. The
+  values were checked by ``config.validate``."""
   lo = m.lora
-  if lo.rank < 0:
-    raise ConfigError(f"config key 'model.lora.rank': must be >= 0 (0 = off), got {lo.rank}")
   if lo.rank == 0:
     return None
-  if not lo.alpha > 0:
-    raise ConfigError(f"config key 'model.lora.alpha': must be positive, got {lo.alpha}")
   targets = [t.strip() for t in lo.targets.split(",") if t.strip()]
-  unknown = [t for t in targets if t not in LORA_TARGETS]
-  if unknown or not targets:
-    raise ConfigError(f"config key 'model.lora.targets': {lo.targets!r} must be a comma-separated list of "
-                      f"{', '.join(LORA_TARGETS)}" + (f" ({unknown[0]!r} is not one)" if unknown else ""))
-  if lo.base_dtype not in DTYPES:
-    raise ConfigError(f"config key 'model.lora.base_dtype': must be one of {DTYPES}, got {lo.base_dtype!r}")
   return LoRA(rank=int(lo.rank), scale=float(lo.alpha) / int(lo.rank), targets=frozenset(targets),
               dtype=m.param_dtype)
 
