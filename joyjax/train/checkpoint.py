@@ -63,6 +63,7 @@ from joyjax.tree import path_str
 
 log = logging.getLogger(__name__)
 
+CHECKPOINTS_DIR = "checkpoints"  # inside a run's output_dir
 COMMIT_MARKER = "commit_success.txt"  # orbax writes it into a step directory just before committing it
 TMP_MARKER = ".orbax-checkpoint-tmp"  # orbax's suffix of a directory being written
 _ITEMS = ("state", "data", "config")
@@ -407,7 +408,6 @@ def load_params_config(path) -> dict | None:
   return json.loads(f.read_text()) if f.exists() else None
 
 
-CHECKPOINTS_DIR = "checkpoints"  # inside a run's output_dir
 TOKENIZER_FILE = "tokenizer.json"  # the run's tokenizer, saved in its output_dir (and by `joyjax convert`)
 
 

@@ -121,8 +121,9 @@ def sample_from_checkpoint(run_dir, prompt: str, *, max_tokens: int = 64, temper
   """Loads the latest checkpoint of a training run (its ``output_dir``, or its ``checkpoints/`` folder) with
   the config stored in it, rebuilds the run's tokenizer, and samples a continuation of ``prompt``."""
   run_dir = os.fspath(run_dir)
-  ckpt_root = run_dir[:-len("/checkpoints")] if run_dir.rstrip("/").endswith("checkpoints") else run_dir
-  if "://" not in run_dir and not os.path.isdir(os.path.join(ckpt_root or ".", "checkpoints")):
+  sub = checkpoint.CHECKPOINTS_DIR
+  ckpt_root = run_dir[:-len("/" + sub)] if run_dir.rstrip("/").endswith(sub) else run_dir
+  if "://" not in run_dir and not os.path.isdir(os.path.join(ckpt_root or ".", sub)):
     what = "does not exist" if not os.path.exists(run_dir) else "has no checkpoints/ folder"
     raise CheckpointNotFoundError(f"{run_dir} {what}; give a training run's output_dir "
                                              "(train.output_dir) or its checkpoints/ folder")
