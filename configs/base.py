@@ -114,6 +114,46 @@ def get_config() -> ml_collections.ConfigDict:
   po.overlong = "truncate"         # a pair longer than data.seq_len: truncate (prompt tail, response head) | skip
   po.thinking = True               # thinking mode for rows without a "thinking" field
 
+  # ---------------------------------------------------------------- reinforcement learning (joyjax rl)
+  # Per step: rl.prompts_per_step prompts -> rl.num_generations samples each -> rewards -> group-normalised
+  # advantages -> old log-probs -> rl.num_minibatches x rl.epochs optimizer updates. train.steps counts rollout
+  # batches; data.eval_fraction holds out that share of the task's prompts for eval/reward. See joyjax/rl/.
+  rl = c.rl = ml_collections.ConfigDict()
+  rl.env = "arithmetic"            # arithmetic | string | "package.module:factory" (a user task; see rl/envs.py)
+  rl.env_args = ""                 # the task's options, "key=value,key=value" (e.g. "max_operand=9,num_prompts=512")
+  rl.reward_fn = ""                # "package.module:function" (prompt, response) -> float replaces the task's check
+  rl.format_weight = 0.0           # weight of the format reward (answer in the expected form) added to the reward
+  rl.length_weight = 0.0           # length-aware shaping: correct answers lose this much per unit of length share
+  rl.thinking = False              # prompts rendered in thinking mode (the response opens with reasoning)
+  rl.prompts_per_step = 8          # prompts per rollout batch (global)
+  rl.num_generations = 8           # G samples per prompt (the group of the advantage)
+  rl.max_prompt_len = 64           # prompt tokens (left-padded; longer prompts are an error naming the prompt)
+  rl.max_new_tokens = 32           # response tokens at most
+  rl.temperature = 1.0             # rollout sampling temperature
+  rl.top_p = 1.0                   # nucleus sampling (1 = off)
+  rl.top_k = 0                     # top-k sampling (0 = off)
+  rl.eval_temperature = 0.0        # held-out evaluation sampling (0 = greedy)
+  rl.num_minibatches = 2           # optimizer updates per pass over a rollout batch
+  rl.epochs = 1                    # passes over each rollout batch
+  rl.loss = "fiberpo"              # fiberpo | fiberpo_domain | grpo (PPO clip per token) | gspo (sequence ratio)
+  rl.advantage = "group"           # group (reward - group mean) / group std | group_mean (no std) | none (raw reward)
+  rl.kl_coef = 0.0                 # KL penalty (k3) to the starting policy; > 0 keeps a frozen reference copy
+  rl.clip_low = 0.2                # grpo: ratio clip 1 - clip_low .. 1 + clip_high; gspo: on the sequence ratio
+  rl.clip_high = 0.28
+  rl.curriculum = False            # pass-rate curriculum: prompts weighted by a Gaussian over their pass rate
+  rl.curriculum_start = 0.8        # the Gaussian's mean at the first step ...
+  rl.curriculum_end = 0.2          # ... moving linearly to this at the last step
+  rl.curriculum_width = 0.2        # the Gaussian's standard deviation
+  fp = rl.fiberpo = ml_collections.ConfigDict()
+  fp.c_plus = 0.2                  # trajectory budget of the positive log-ratio channel (C+)
+  fp.c_minus = 0.1                 # ... and of the negative one (C-); delta = C+ + C-, C- < C+ offsets the KL bias
+  fp.eps = 0.025                   # token (fiber) budget, eps << delta: the token gate engages first
+  fp.steepness = 0.0               # rollback slope T (0 = each level's own count: T_tau tokens, T_g, T_D)
+  fp.group_c_plus = -1.0           # fiberpo_domain: the prompt-group level's budgets (-1 = C+ / C-)
+  fp.group_c_minus = -1.0
+  fp.domain_c_plus = -1.0          # fiberpo_domain: the domain level's budgets (-1 = C+ / C-)
+  fp.domain_c_minus = -1.0
+
   # ---------------------------------------------------------------- supervised fine-tuning (joyjax sft)
   # Rows {"messages": [...]} or {"prompt", "response"[, "reasoning"]} in data.path; see joyjax/data/sft.py.
   s = c.sft = ml_collections.ConfigDict()

@@ -30,6 +30,8 @@ CHAT_TRAIN_ON = ("assistant", "last", "all")   # sft.train_on: which rendered to
 OVERLONG_RULES = ("truncate", "skip")          # sft.overlong, dpo.overlong: an example longer than a row
 DPO_LOSS_TYPES = ("sigmoid", "ipo")            # dpo.loss_type (sigmoid + label_smoothing = conservative DPO)
 DPO_REFERENCES = ("frozen", "precomputed")     # dpo.reference: where the reference log-probs come from
+POLICY_LOSSES = ("fiberpo", "fiberpo_domain", "grpo", "gspo")  # rl.loss
+ADVANTAGES = ("group", "group_mean", "none")  # rl.advantage: how rewards become advantages
 LORA_TARGETS = ("attention", "dense", "shared", "routed")  # model.lora.targets: which weights get adapters
 
 
@@ -251,6 +253,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _require(po.reference in DPO_REFERENCES, "dpo.reference", f"must be one of {DPO_REFERENCES}, got {po.reference!r}")
   _require(po.overlong in OVERLONG_RULES, "dpo.overlong", f"must be one of {OVERLONG_RULES}, got {po.overlong!r}")
   _require(po.pairs_per_batch >= 0, "dpo.pairs_per_batch", f"must be >= 0 (0 = train.batch_size), got {po.pairs_per_batch}")
+  _validate_rl(cfg.rl)
   ck = cfg.checkpoint
   _require(ck.every >= 0 and ck.keep > 0, "checkpoint.keep", "checkpoint.every >= 0 and checkpoint.keep > 0")
   p = cfg.mesh
@@ -271,6 +274,38 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       parse_rules(p.rules)
     except ValueError as err:
       raise ConfigError(f"config key 'mesh.rules': {err}") from err
+
+
+def _validate_rl(rl) -> None:
+  _require(bool(rl.env.strip()), "rl.env", "must name a task: arithmetic, string or 'package.module:factory'")
+  _require(not rl.reward_fn or ":" in rl.reward_fn, "rl.reward_fn",
+           f"must be 'package.module:function', got {rl.reward_fn!r}")
+  for key in ("prompts_per_step", "num_generations", "max_prompt_len", "max_new_tokens", "num_minibatches",
+              "epochs"):
+    _require(rl[key] > 0, f"rl.{key}", f"must be positive, got {rl[key]}")
+  _require(rl.num_generations >= 2 or rl.advantage == "none", "rl.num_generations",
+           f"group advantages need >= 2 samples per prompt, got {rl.num_generations} (or set rl.advantage=none)")
+  _require((rl.prompts_per_step * rl.num_generations) % rl.num_minibatches == 0, "rl.num_minibatches",
+           f"must divide the rollout batch rl.prompts_per_step x rl.num_generations = "
+           f"{rl.prompts_per_step * rl.num_generations}, got {rl.num_minibatches}")
+  _require(rl.temperature > 0, "rl.temperature", f"must be positive (rollouts sample), got {rl.temperature}")
+  _require(rl.eval_temperature >= 0, "rl.eval_temperature", f"must be >= 0 (0 = greedy), got {rl.eval_temperature}")
+  _require(0.0 < rl.top_p <= 1.0, "rl.top_p", f"must be in (0, 1], got {rl.top_p}")
+  _require(rl.top_k >= 0, "rl.top_k", f"must be >= 0 (0 = off), got {rl.top_k}")
+  _require(rl.loss in POLICY_LOSSES, "rl.loss", f"must be one of {POLICY_LOSSES}, got {rl.loss!r}")
+  _require(rl.advantage in ADVANTAGES, "rl.advantage", f"must be one of {ADVANTAGES}, got {rl.advantage!r}")
+  for key in ("kl_coef", "format_weight", "length_weight", "clip_low", "clip_high"):
+    _require(rl[key] >= 0, f"rl.{key}", f"must be >= 0, got {rl[key]}")
+  for key in ("curriculum_start", "curriculum_end"):
+    _require(0.0 <= rl[key] <= 1.0, f"rl.{key}", f"must be a pass rate in [0, 1], got {rl[key]}")
+  _require(rl.curriculum_width > 0, "rl.curriculum_width", f"must be positive, got {rl.curriculum_width}")
+  fp = rl.fiberpo
+  for key in ("c_plus", "c_minus", "eps"):
+    _require(fp[key] > 0, f"rl.fiberpo.{key}", f"must be positive, got {fp[key]}")
+  _require(fp.steepness >= 0, "rl.fiberpo.steepness", f"must be >= 0 (0 = each level's count), got {fp.steepness}")
+  for key in ("group_c_plus", "group_c_minus", "domain_c_plus", "domain_c_minus"):
+    _require(fp[key] == -1 or fp[key] > 0, f"rl.fiberpo.{key}", f"must be positive or -1 (= the shared budget), "
+             f"got {fp[key]}")
 
 
 def to_dict(cfg: ml_collections.ConfigDict) -> dict:
