@@ -20,6 +20,7 @@ LAYERS = (
     ("model",),                            # the pure-functional model, its parameter layout, expert parallelism
     ("losses", "optim", "data"),           # objectives, optimizers, input pipelines
     ("parallel", "convert"),               # meshes / shardings / memory plan; checkpoint conversion
+    ("rl",),                               # the RL sampler, tasks and rewards, the prompt stream
     ("train",),                            # state, steps, the harness, checkpoints, metrics, sampling
     ("cli",),                              # the `joyjax` command
 )

@@ -1,0 +1,1 @@
+"""Reinforcement learning: the batched sampler, tasks and rewards, the prompt stream (see ARCHITECTURE.md)."""
