@@ -21,3 +21,9 @@ DPO_REF_KEY = "ref_logps"
 def dpo_pairs_per_batch(cfg) -> int:
   """Pair slots of a global DPO batch (static): ``dpo.pairs_per_batch``, or ``train.batch_size`` when 0."""
   return int(cfg.dpo.pairs_per_batch or cfg.train.batch_size)
+
+# A rollout batch (RL): one sampled trajectory per row, the left-padded prompt then the response, exactly as the
+# sampler returns it: ``tokens``, ``positions`` (restarting at the first real token), ``segment_ids`` (1 on real
+# tokens, 0 on padding) and ``response_mask`` (1 on the response tokens that get a loss), all [rows, seq]; per row
+# its ``advantages`` (float32), prompt ``group_ids`` (rows of one prompt share one) and ``domain_ids`` (int32).
+ROLLOUT_KEYS = ("tokens", "positions", "segment_ids", "response_mask", "advantages", "group_ids", "domain_ids")

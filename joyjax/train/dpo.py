@@ -68,13 +68,19 @@ def dpo_state_from_params(cfg, tx, params) -> dict:
   ``ref_router_biases`` ({param path: starting router bias}), the rest being the policy's frozen base."""
   state = state_lib.state_from_params(cfg, tx, params)
   if cfg.dpo.reference == "frozen":
-    if model.lora_enabled(cfg):
-      keep = _router_bias_paths(cfg)
-      state["ref_router_biases"] = {path_str(p): jnp.copy(x) for p, x in
-                                    jax.tree_util.tree_flatten_with_path(params)[0] if path_str(p) in keep}
-    else:
-      state["ref_params"] = jax.tree.map(jnp.copy, params)
+    state.update(frozen_reference(cfg, params))
   return state
+
+
+def frozen_reference(cfg, params) -> dict:
+  """The state entries of a frozen reference of ``params`` (DPO's, RL's KL penalty): ``ref_params``, a copy (its
+  own buffers, so donating the state never donates one buffer twice); with LoRA only ``ref_router_biases``
+  ({param path: starting router bias}), the rest being the policy's frozen base. ``reference_params`` reads them."""
+  if model.lora_enabled(cfg):
+    keep = _router_bias_paths(cfg)
+    return {"ref_router_biases": {path_str(p): jnp.copy(x) for p, x in
+                                  jax.tree_util.tree_flatten_with_path(params)[0] if path_str(p) in keep}}
+  return {"ref_params": jax.tree.map(jnp.copy, params)}
 
 
 def reference_params(cfg, state) -> dict:
