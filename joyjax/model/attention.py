@@ -77,8 +77,9 @@ class MLA(nnx.Module):
 
   def __call__(self, x, positions, segment_ids, cache=None):
     """x: [b, s, embed]. Without a cache: causal attention within segments. With a cache (dict with
-    ``c`` [b, T, kv_lora], ``k_rope`` [b, T, rope], ``index`` scalar): writes this chunk at ``index`` and
-    attends to every cached position <= its own. Returns (out [b, s, embed], new cache or None)."""
+    ``c`` [b, T, kv_lora], ``k_rope`` [b, T, rope], ``index`` scalar, ``start`` [b]): writes this chunk at ``index``
+    and attends to every cached slot <= its own and >= its row's ``start`` (the first valid slot of a
+    left-padded row; zeros from ``init_cache``). Returns (out [b, s, embed], new cache or None)."""
     q_nope, q_rope, c, k_rope = self._project(x, positions)
     if cache is None:
       return self._expanded(q_nope, q_rope, c, k_rope, segment_ids), None
@@ -114,9 +115,11 @@ class MLA(nnx.Module):
               + jnp.einsum("bshd,btd->bhst", q_rope, kr_all.astype(self.dtype), preferred_element_type=jnp.float32))
     s, t = scores.shape[-2], scores.shape[-1]
     q_pos = idx + jnp.arange(s)
-    mask = jnp.arange(t)[None, :] <= q_pos[:, None]
-    probs = jax.nn.softmax(jnp.where(mask[None, None], scores * self.scale, NEG_INF), axis=-1)
+    start = cache["start"]  # [b]: slots before a row's start are its left padding
+    slot = jnp.arange(t)
+    mask = (slot[None, None, :] <= q_pos[None, :, None]) & (slot[None, None, :] >= start[:, None, None])  # [b,s,t]
+    probs = jax.nn.softmax(jnp.where(mask[:, None], scores * self.scale, NEG_INF), axis=-1)
     out_lat = jnp.einsum("bhst,btc->bshc", probs.astype(self.dtype), c_all.astype(self.dtype))
     out = jnp.einsum("bshc,chd->bshd", out_lat, w_uv)
     out = self._lora("o", out, jnp.einsum("bshd,hde->bse", out, self._w(self.o)))
-    return out, {"c": c_all, "k_rope": kr_all, "index": idx}
+    return out, {"c": c_all, "k_rope": kr_all, "index": idx, "start": start}

@@ -231,7 +231,7 @@ def _run_stack(cfg, name, stacked, x, positions, segment_ids, cache, token_axes=
     layer_params, layer_cache = layer
     block = _merge(m, name, layer_params)
     if layer_cache is not None:
-      layer_cache = dict(layer_cache, index=cache["index"])
+      layer_cache = dict(layer_cache, index=cache["index"], start=cache["start"])
     x, aux, new_cache = block(x, positions, segment_ids, layer_cache, token_axes)
     if new_cache is not None:
       new_cache = {"c": new_cache["c"], "k_rope": new_cache["k_rope"]}
@@ -283,6 +283,7 @@ def forward_hidden(cfg, params, tokens, *, positions=None, segment_ids=None, cac
         new_cache[name] = c
   if cache is not None:
     new_cache["index"] = cache["index"] + s
+    new_cache["start"] = cache["start"]
   hidden = _merge(m, "final_norm", params["final_norm"]).norm(x)
   mtp_hidden = []
   if with_mtp and "mtp" in params:
@@ -325,11 +326,13 @@ def forward(cfg, params, tokens, *, positions=None, segment_ids=None, return_mtp
 
 
 def init_cache(cfg, batch: int, max_len: int, dtype=jnp.float32) -> dict:
-  """The KV cache: MLA's compressed latent and shared rotary key per layer, not expanded keys/values."""
+  """The KV cache: MLA's compressed latent and shared rotary key per layer, not expanded keys/values; ``index``
+  the next slot to write, ``start`` [batch] each row's first valid slot (zeros; a left-padded batch sets it to
+  its pad counts, so attention skips the pads; the caller then passes positions ``slot - start``)."""
   m = model_cfg(cfg)
   a = m.attention
   sizes = stack_sizes(m)
-  cache = {"index": jnp.zeros((), jnp.int32)}
+  cache = {"index": jnp.zeros((), jnp.int32), "start": jnp.zeros((batch,), jnp.int32)}
   for name in ("dense_layers", "moe_layers"):
     if sizes[name]:
       cache[name] = {"c": jnp.zeros((sizes[name], batch, max_len, a.kv_lora_rank), dtype),
