@@ -1,15 +1,13 @@
-"""Sampling from a model with the latent KV cache: one prefill call, then a ``lax.fori_loop`` of single-token
-decode steps inside one jitted function (the cache is preallocated and carried; weights are arguments, so new
-weights do not recompile)."""
+"""Sampling text from a model through the RL rollout sampler (``joyjax.rl.sampler``: the latent KV cache, one
+prefill, then a ``lax.while_loop`` of single-token decode steps in one jitted function; weights and settings are
+arguments, so new weights do not recompile): plain continuations, chat replies, a checkpoint's sample."""
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from joyjax import model
@@ -18,44 +16,19 @@ from joyjax.data import chat
 from joyjax.data.pipeline import build_tokenizer
 from joyjax.data.tokenizer import load_tokenizer
 from joyjax.errors import CheckpointCorruptError, CheckpointNotFoundError
+from joyjax.rl.sampler import Sampler
 from joyjax.train import checkpoint
 
 
-_COMPILED: dict = {}
+_SAMPLERS: dict = {}
 
 
-def _generator(cfg, max_new: int, greedy: bool):
-  """The jitted generation function for (cfg, length, mode), compiled once per process."""
-  key = (id(cfg), max_new, greedy)
-  if key not in _COMPILED:
-    _COMPILED[key] = (cfg, jax.jit(functools.partial(_generate, cfg, max_new=max_new, greedy=greedy)))
-  return _COMPILED[key][1]
-
-
-def _generate(cfg, params, prompt, temperature, key, *, max_new: int, greedy: bool):
-  b, p = prompt.shape
-  cache = model.init_cache(cfg, b, p + max_new)
-  logits, cache = model.decode_step(cfg, params, prompt, cache)
-
-  def pick(logits, key):
-    if greedy:
-      return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
-
-  out = jnp.zeros((b, max_new), jnp.int32)
-  key, sub = jax.random.split(key)
-  first = pick(logits[:, -1], sub)
-  out = out.at[:, 0].set(first)
-
-  def body(i, carry):
-    out, cache, key = carry
-    logits, cache = model.decode_step(cfg, params, jax.lax.dynamic_slice_in_dim(out, i - 1, 1, axis=1), cache)
-    key, sub = jax.random.split(key)
-    out = jax.lax.dynamic_update_slice_in_dim(out, pick(logits[:, -1], sub)[:, None], i, axis=1)
-    return out, cache, key
-
-  out, _, _ = jax.lax.fori_loop(1, max_new, body, (out, cache, key))
-  return out
+def _sampler(cfg, prompt_len: int, max_new: int) -> Sampler:
+  """The rollout sampler for (cfg, prompt length, length), built (and compiled) once per process."""
+  key = (id(cfg), prompt_len, max_new)
+  if key not in _SAMPLERS:
+    _SAMPLERS[key] = (cfg, Sampler(cfg, max_prompt_len=prompt_len, max_new_tokens=max_new))
+  return _SAMPLERS[key][1]
 
 
 def generate(cfg, params, prompt_tokens, *, max_tokens: int, temperature: float = 0.0, seed: int = 0,
@@ -71,12 +44,13 @@ def generate(cfg, params, prompt_tokens, *, max_tokens: int, temperature: float 
   if prompt.shape[1] + max_tokens > limit:
     raise ValueError(f"prompt ({prompt.shape[1]}) + max_tokens ({max_tokens}) exceeds "
                      f"model.max_position_embeddings={limit}")
-  fn = _generator(cfg, int(max_tokens), temperature <= 0)
-  out = fn(params, jnp.asarray(prompt), jnp.float32(max(temperature, 1e-6)), jax.random.key(seed))
-  rows = np.asarray(out).tolist()
-  if eos_id is not None:
-    rows = [r[:r.index(eos_id)] if eos_id in r else r for r in rows]
-  return rows
+  b, p = prompt.shape
+  if max_tokens <= 0:
+    return [[] for _ in range(b)]
+  out = _sampler(cfg, p, int(max_tokens))(params, prompt, np.full((b,), p, np.int32), jax.random.key(seed),
+                                          temperature=max(temperature, 0.0),
+                                          stop_ids=() if eos_id is None else (eos_id,)).fetch()
+  return [row[p:p + n - int(stop)].tolist() for row, n, stop in zip(out.tokens, out.lengths, out.stopped)]
 
 
 def sample_text(cfg, params, tokenizer, prompt: str, *, max_tokens: int, temperature: float = 0.0,
