@@ -1,4 +1,4 @@
-"""The ``joyjax`` command: train, sft, dpo, sample, params, convert, plan, summary.
+"""The ``joyjax`` command: train, sft, dpo, rl, sample, params, convert, plan, summary.
 
 A user error (a config key, a data file, a checkpoint, a tokenizer, a conversion) ends the command with one
 line on stderr, ``joyjax <command>: <kind>: <message>``, and exit status 1; ``JOYJAX_DEBUG=1`` re-raises it
@@ -164,6 +164,10 @@ def cmd_dpo(args, overrides):
   loop.main(_config(args, overrides), loop.DPO)
 
 
+def cmd_rl(args, overrides):
+  loop.main(_config(args, overrides), loop.RL)
+
+
 def cmd_sample(args, overrides):
   print(sample.sample_from_checkpoint(args.checkpoint, args.prompt, max_tokens=args.max_tokens,
                                       temperature=args.temperature, seed=args.seed))
@@ -199,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
   with_config("dpo", "direct preference optimisation on {prompt, chosen, rejected} pairs",
               "joyjax dpo --config configs/dpo_tiny.py --config.train.init_from=runs/sft_tiny "
               "--config.data.path=pairs.jsonl")
+  with_config("rl", "reinforcement learning on a verifiable task (FiberPO by default; GRPO, GSPO)",
+              "joyjax rl --config configs/fiberpo_tiny.py --config.train.init_from=runs/sft_tiny "
+              "--config.rl.loss=grpo")
   with_config("params", "count total and activated parameters from shapes",
               "joyjax params --config configs/joyai_flash.py --config.model.num_layers=8")
   with_config("summary", "build the model, run a forward pass, print shapes",
@@ -226,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
-COMMANDS = {"train": cmd_train, "sft": cmd_sft, "dpo": cmd_dpo, "params": cmd_params, "summary": cmd_summary, "convert": cmd_convert,
+COMMANDS = {"train": cmd_train, "sft": cmd_sft, "dpo": cmd_dpo, "rl": cmd_rl, "params": cmd_params, "summary": cmd_summary, "convert": cmd_convert,
             "sample": cmd_sample, "plan": cmd_plan}
 
 

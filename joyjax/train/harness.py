@@ -80,6 +80,11 @@ def global_batch(local: dict, sharding) -> dict:
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
 
 
+def local_batch(local: dict, sharding) -> dict:
+  """This process's rows as they are (numpy), for a step that moves them itself (``Objective.make_runtime``)."""
+  return local
+
+
 def scalar_metrics(m: dict) -> dict[str, float]:
   """The scalar entries of a step's metrics as Python floats (arrays such as expert counts left out)."""
   out = {}
@@ -223,8 +228,9 @@ class Harness:
 
   def __init__(self, *, step: Callable, data, checkpointer, batch_sharding, writer: MetricsWriter,
                throughput: Throughput, total_steps: int, log_every: int, checkpoint_every: int = 0,
-               max_nonfinite: int = 0, evaluator: Evaluator | None = None, config: Any = None):
-    self.step, self.data, self.checkpointer = step, data, checkpointer
+               max_nonfinite: int = 0, evaluator: Evaluator | None = None, config: Any = None,
+               to_device: Callable = global_batch):
+    self.step, self.data, self.checkpointer, self.to_device = step, data, checkpointer, to_device
     self.batch_sharding, self.writer, self.throughput = batch_sharding, writer, throughput
     self.total, self.log_every, self.checkpoint_every = int(total_steps), int(log_every), int(checkpoint_every)
     self.max_nonfinite, self.evaluator, self.config = int(max_nonfinite), evaluator, config
@@ -261,7 +267,7 @@ class Harness:
   # ------------------------------------------------------------------------------ the parts
 
   def _next_batch(self):
-    return global_batch(next(self.data), self.batch_sharding)
+    return self.to_device(next(self.data), self.batch_sharding)
 
   def _compile_and_meet(self, state, p: Progress):
     """Several processes: compile ahead and meet at a barrier (the first collective must start within gloo's
@@ -270,7 +276,8 @@ class Harness:
     if jax.process_count() == 1 or p.step >= p.end:
       return None
     first = self._next_batch()
-    self.step = self.step.lower(state, first).compile()
+    if hasattr(self.step, "lower"):  # a host-side step (RL) compiles its parts on first use
+      self.step = self.step.lower(state, first).compile()
     if self.evaluator is not None:
       self.evaluator.compile(state, self.batch_sharding)
     distributed.barrier(f"train step compiled ({p.start})")

@@ -27,7 +27,7 @@ from joyjax.data.tokenizer import load_tokenizer
 from joyjax.model import count_params, format_counts
 from joyjax.parallel import distributed, rules
 from joyjax.parallel.mesh import describe, make_mesh
-from joyjax.train import checkpoint, dpo, flops, harness, state as state_lib
+from joyjax.train import checkpoint, dpo, flops, harness, rl, state as state_lib
 from joyjax.train.eval import lm_eval_metrics, make_lm_eval_step
 from joyjax.train.metrics import MetricsWriter, Throughput
 from joyjax.train.sample import sample_chat, sample_text
@@ -56,14 +56,33 @@ class Objective:
   make_step(cfg, tx, total_steps) -> step(state, batch) -> (state, metrics);
   make_eval(cfg) -> (eval_step(state, batch) -> sums, summarize(sums) -> metrics);
   init_state(cfg, tx, params) -> state: the state around starting params (e.g. with a frozen reference copy);
-  sample(cfg, params, tokenizer) -> str: what the run prints at its end (``train.sample_prompt``).
+  sample(cfg, params, tokenizer) -> str: what the run prints at its end (``train.sample_prompt``);
+  optimizer_steps(cfg) -> int: optimizer updates over the run (the schedule's length; RL makes several per step);
+  step_shape(cfg) -> (sequences, tokens per sequence) of one step, for tokens/s and MFU;
+  make_runtime: None, or (cfg, tx, total, Runtime) -> (step, evaluator or None) for an objective whose step is
+    not one jitted function (RL: sample on device, score on the host, update on device); its batches reach the
+    step as this process's numpy rows.
   """
   name: str
   open_data: Callable
-  make_step: Callable
-  make_eval: Callable
+  make_step: Callable | None
+  make_eval: Callable | None
   init_state: Callable = state_lib.state_from_params
   sample: Callable | None = None
+  optimizer_steps: Callable = lambda cfg: int(cfg.train.steps)
+  step_shape: Callable = lambda cfg: (int(cfg.train.batch_size), int(cfg.data.seq_len))
+  make_runtime: Callable | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+  """What the loop has built that an objective's ``make_runtime`` may use."""
+  tokenizer: object
+  data: object
+  eval_data: object
+  mesh: object
+  state_shardings: object
+  batch_sharding: object
 
 
 def _pretrain_data(cfg, tokenizer, pi, pc, evaluate):
@@ -102,6 +121,11 @@ SFT = Objective("sft", _sft_data, make_train_step, _lm_eval, sample=_chat_sample
 # DPO: chosen and rejected in one forward; the state carries the reference (or it is precomputed once).
 DPO = Objective("dpo", dpo.open_dpo_objective_data, dpo.make_dpo_step, dpo.make_dpo_eval,
                 init_state=dpo.dpo_state_from_params, sample=_chat_sample)
+
+
+# RL: each step samples a rollout batch with the policy, scores it on the host and makes several updates.
+RL = Objective("rl", rl.open_rl_data, None, None, init_state=rl.rl_state_from_params, sample=_chat_sample,
+               optimizer_steps=rl.optimizer_steps, step_shape=rl.step_shape, make_runtime=rl.make_rl_runtime)
 
 
 def train(cfg, *, stop_after: int | None = None, stream=None, print_sample: bool = True,
@@ -156,7 +180,7 @@ def _train(cfg, objective: Objective, *, stop_after, stream, print_sample: bool,
                      tokens_per_sec=0.0)
 
   mesh = make_mesh(cfg)
-  tx = optim.make_optimizer(cfg, model.abstract_params(cfg), total)
+  tx = optim.make_optimizer(cfg, model.abstract_params(cfg), objective.optimizer_steps(cfg))
   init_state = lambda params: objective.init_state(cfg, tx, params)
   abstract = jax.eval_shape(lambda k: init_state(model.init(cfg, k)), jax.random.key(0))
   state_sh = rules.state_shardings(cfg, mesh, abstract)
@@ -188,15 +212,19 @@ def _train(cfg, objective: Objective, *, stop_after, stream, print_sample: bool,
 
     if primary:
       checkpoint.save_tokenizer(t.output_dir, tokenizer)
-    step_fn = jax.jit(objective.make_step(cfg, tx, total), in_shardings=(state_sh, batch_sh),
-                      out_shardings=(state_sh, None), donate_argnums=(0,))
     evaluator = None
-    if eval_data is not None:
+    if objective.make_runtime is not None:
+      step_fn, evaluator = objective.make_runtime(cfg, tx, total, Runtime(tokenizer, data, eval_data, mesh, state_sh,
+                                                                           batch_sh))
+    else:
+      step_fn = jax.jit(objective.make_step(cfg, tx, total), in_shardings=(state_sh, batch_sh),
+                        out_shardings=(state_sh, None), donate_argnums=(0,))
+    if eval_data is not None and objective.make_runtime is None:
       eval_step, summarize = objective.make_eval(cfg)
       evaluator = harness.Evaluator(
           step=jax.jit(eval_step, in_shardings=(state_sh, batch_sh), out_shardings=None),
           dataset=eval_data, num_batches=int(t.eval_batches), every=int(t.eval_every), summarize=summarize)
-    seq, bsz = cfg.data.seq_len, t.batch_size
+    bsz, seq = objective.step_shape(cfg)
     throughput = Throughput(bsz * seq, devices=jax.device_count(), flops_per_token=flops.flops_per_token(cfg, seq),
                             peak_flops=flops.peak_flops_per_device(jax.devices()[0].device_kind, cfg.model.dtype,
                                                                    peak_tflops=t.peak_tflops))
@@ -204,7 +232,8 @@ def _train(cfg, objective: Objective, *, stop_after, stream, print_sample: bool,
     loop = harness.Harness(step=step_fn, data=data, checkpointer=ckpt, batch_sharding=batch_sh, writer=writer,
                            throughput=throughput, total_steps=total, log_every=t.log_every,
                            checkpoint_every=cfg.checkpoint.every, max_nonfinite=t.max_nonfinite,
-                           evaluator=evaluator, config=cfg.to_dict())
+                           evaluator=evaluator, config=cfg.to_dict(),
+                           to_device=harness.global_batch if objective.make_runtime is None else harness.local_batch)
     start = int(jax.device_get(state["step"]))
     say(f"training steps {start}..{total} ({bsz} x {seq} tokens per step) -> {t.output_dir}")
     state, progress = loop.run(state, stop_after=stop_after)
