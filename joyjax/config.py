@@ -20,10 +20,11 @@ from joyjax.axes import parse_rules
 from joyjax.errors import ConfigError
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION_IMPLS = ("xla", "blockwise")
+ATTENTION_IMPLS = ("xla", "blockwise", "cudnn", "auto")  # auto: cudnn on an NVIDIA GPU, blockwise elsewhere
 MOE_IMPLS = ("auto", "reference", "ragged_dot", "pallas", "pallas_interpret")
 DTYPES = ("float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "muon")
+MUON_NS_DTYPES = ("bfloat16", "float32")  # optim.muon_ns_dtype: the Newton-Schulz iteration's compute dtype
 SCHEDULES = ("constant", "cosine", "wsd")
 DATA_FORMATS = ("auto", "jsonl", "parquet", "text", "arrayrecord")  # auto: by file extension
 CHAT_TRAIN_ON = ("assistant", "last", "all")   # sft.train_on: which rendered tokens carry loss
@@ -223,6 +224,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _require(o.lr > 0, "optim.lr", "must be positive")
   _require(0.0 <= o.decay_fraction <= 1.0, "optim.decay_fraction", "must be in [0, 1]")
   _require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables)")
+  _require(o.muon_ns_dtype in MUON_NS_DTYPES, "optim.muon_ns_dtype",
+           f"must be one of {MUON_NS_DTYPES}, got {o.muon_ns_dtype!r}")
   t = cfg.train
   _require(t.steps > 0, "train.steps", "must be positive")
   _require(t.grad_accum > 0, "train.grad_accum", "must be positive")

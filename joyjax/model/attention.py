@@ -14,6 +14,7 @@ from flax import nnx
 
 from joyjax.model import adapters
 from joyjax.model.blockwise import NEG_INF, blockwise_attention
+from joyjax.model.fused_attention import mla_dot_product_attention, resolve_attention_impl
 from joyjax.model.layers import RMSNorm, apply_rope, param, rope_frequencies, softmax_scale
 
 
@@ -88,11 +89,15 @@ class MLA(nnx.Module):
   def _expanded(self, q_nope, q_rope, c, k_rope, segment_ids):
     kv = self._lora("kv_b", c, jnp.einsum("bsc,chd->bshd", c, self._w(self.kv_b)))
     k_nope, v = kv[..., :self.nope], kv[..., self.nope:]
-    if self.impl == "blockwise":
+    impl = resolve_attention_impl(self.impl, self.nope + self.rope_dim, jnp.dtype(self.dtype).name)
+    if impl in ("blockwise", "cudnn"):
       q = jnp.concatenate([q_nope, q_rope], axis=-1)
       k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], k_nope.shape[:3] + k_rope.shape[-1:])],
                           axis=-1)
-      out = blockwise_attention(q, k, v, segment_ids, scale=self.scale, block_q=self.block, block_k=self.block)
+      if impl == "cudnn":  # cuDNN flash attention (model/fused_attention.py)
+        out = mla_dot_product_attention(q, k, v, segment_ids, scale=self.scale, implementation="cudnn")
+      else:
+        out = blockwise_attention(q, k, v, segment_ids, scale=self.scale, block_q=self.block, block_k=self.block)
       return self._lora("o", out, jnp.einsum("bqhd,hde->bqe", out, self._w(self.o)))
     scores = (jnp.einsum("bqhd,bkhd->bhqk", q_nope, k_nope, preferred_element_type=jnp.float32)
               + jnp.einsum("bqhd,bkd->bhqk", q_rope, k_rope, preferred_element_type=jnp.float32))

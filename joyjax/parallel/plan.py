@@ -26,7 +26,9 @@ What is counted, per device (bytes)
     - ``layer``: one block's working set during its recomputation: q / kv low-rank and per-head q, k, v and
       output (heads split over ``tensor``), the f32 attention scores and probabilities
       2 * seqs * heads * seq_len^2 * 4 (the xla attention materialises them; ``attention_impl=blockwise``
-      holds one block pair at a time plus the saved log-sum-exp, seqs * heads * (2 * block^2 + seq_len) * 4),
+      holds one block pair at a time plus the saved log-sum-exp, seqs * heads * (2 * block^2 + seq_len) * 4;
+      ``cudnn`` / ``auto`` the [seqs, 1, seq_len, seq_len] segment mask, its bf16 bias and bias gradient,
+      seqs * seq_len^2 * 5, plus the log-sum-exp),
       and the MLP: dense
       3 * width, or MoE top-k * (hidden + 3 * expert width) + 3 * shared width per token;
     - ``loss``: one cross-entropy chunk of f32 logits and their gradient, 2 * min(loss_chunk, tokens) *
@@ -92,6 +94,8 @@ def _activations(cfg, sizes: dict, tokens: float, seqs: float, seq_len: int) -> 
   if m.attention_impl == "blockwise":
     blk = min(m.attention_block, seq_len)
     scores = seqs * heads * (2 * blk * blk + seq_len) * 4
+  elif m.attention_impl in ("cudnn", "auto"):  # fused kernel: the segment mask, its bf16 bias and bias gradient
+    scores = seqs * seq_len * seq_len * 5 + seqs * heads * seq_len * 4
   dense = tokens * b * 3 * m.dense_intermediate_size / tp
   moe = 0.0
   if m.first_k_dense < m.num_layers or m.mtp.num_layers:
