@@ -27,7 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
   m.scan_layers = True             # stack blocks and lax.scan them: compile time independent of depth
   m.remat = "full"                 # rematerialisation per block: none | full | dots | dots_no_batch
   # Training attention: xla (einsum softmax; materialises [heads, seq, seq] f32 scores) | blockwise (flash-style
-  # online softmax over attention_block-sized blocks with a recomputing backward: O(seq x block) memory).
+  # online softmax over attention_block-sized blocks with a recomputing backward: O(seq x block) memory) |
+  # cudnn (cuDNN flash attention via jax.nn.dot_product_attention, NVIDIA GPUs, bf16/fp16; documents as a mask) |
+  # auto (cudnn where it can run, blockwise elsewhere).
   m.attention_impl = "xla"
   m.attention_block = 512          # blockwise: query and key block length
 
@@ -176,6 +178,7 @@ def get_config() -> ml_collections.ConfigDict:
   o.weight_decay = 0.1             # decoupled; masked off for norms, biases and embeddings
   o.muon_momentum = 0.95
   o.muon_ns_steps = 5
+  o.muon_ns_dtype = "bfloat16"     # Newton-Schulz compute dtype: bfloat16 (Moonlight / Keller Jordan) | float32
   o.grad_clip = 1.0                # global-norm clipping (0 disables)
 
   # ---------------------------------------------------------------- training

@@ -254,7 +254,9 @@ def _step(tx):
 
 
 def test_muon_update_is_newton_schulz_of_nesterov_momentum(abstract):
-  cfg = _cfg("--config.optim.grad_clip=0")  # wsd, warmup 10: lr(step) = peak * (step + 1) / 10
+  # wsd, warmup 10: lr(step) = peak * (step + 1) / 10. Newton-Schulz in float32 (the bfloat16 default is checked
+  # against this float32 iteration in tests/test_muon_batched.py).
+  cfg = _cfg("--config.optim.grad_clip=0", "--config.optim.muon_ns_dtype=float32")
   o = cfg.optim
   sub = _subtree(abstract, SUBSET)
   params = _random_like(sub, 0, 0.02)
