@@ -17,12 +17,17 @@ each failure recorded in the JSON as an error string:
      of ``configs/joyai_slice.py`` with Muon and with AdamW, one process each: compile time, step time (median
      of ``--steps`` after a warm-up step), tokens/s, MFU (``train.flops``), peak device memory
      (``memory_stats()['peak_bytes_in_use']``) beside ``parallel.plan.plan``'s prediction and XLA's own
-     (``compiled.memory_analysis()``).
+     (``compiled.memory_analysis()``). The slice's ``attention_impl=auto`` runs cuDNN flash attention on an
+     NVIDIA GPU (recorded as ``attention_resolved``); a small cuDNN forward + backward is tried first, and if it
+     fails the error is recorded and the step runs ``blockwise`` (so the step is still measured).
   d  a per-part breakdown at the slice's real shapes (its params from ``model.init``, the model's own NNX
      modules), each part jitted alone, forward+backward (and the forward alone for the parts remat recomputes):
-     attention (an MLA block's norm + attention), the MoE layer and its pieces (router, permute, routed experts,
-     shared expert, combine), the dense MLP, LM head + chunked cross-entropy (``losses.lm``), the MTP block,
-     and the optimizer update (``optim.make_optimizer``, Muon and AdamW, on all the slice's params).
+     attention (an MLA block's norm + attention, with the config's implementation, and beside it the other
+     one: ``blockwise`` when that is ``cudnn``; ``xla`` at --tiny), the MoE layer and its pieces (router, permute,
+     routed experts, shared expert, combine), the dense MLP, LM head + chunked cross-entropy (``losses.lm``),
+     the MTP block, and the optimizer update (``optim.make_optimizer`` on all the slice's params: Muon with its
+     batched Newton-Schulz in the config's ``optim.muon_ns_dtype`` (bfloat16), Muon with the other dtype
+     (float32: the previous numerics' cost), and AdamW).
      ``estimated_step_ms`` adds them up as the step runs them (remat recomputes each block's forward once
      more) to set beside section c's measured step.
 
@@ -90,7 +95,7 @@ from joyjax.batch import LM_KEYS  # noqa: E402
 from joyjax.config import load_config  # noqa: E402
 from joyjax.kernels import pallas_backend  # noqa: E402
 from joyjax.losses import lm  # noqa: E402
-from joyjax.model import transformer  # noqa: E402
+from joyjax.model import fused_attention, transformer  # noqa: E402
 from joyjax.model.layers import dtype_of  # noqa: E402
 from joyjax.model.moe import route  # noqa: E402
 from joyjax.parallel import plan as plan_lib  # noqa: E402
@@ -186,6 +191,34 @@ def slice_config(args, optimizer: str | None = None):
 def moe_impl(args) -> str:
   """The compiled kernels on an accelerator; the same kernels in the Pallas interpreter on CPU."""
   return "pallas_interpret" if jax.default_backend() == "cpu" else "pallas"
+
+
+def attention_choice(cfg) -> str:
+  """The training attention ``cfg.model.attention_impl`` runs as on this platform (``auto`` resolved)."""
+  m = cfg.model
+  return fused_attention.resolve_attention_impl(
+      m.attention_impl, m.attention.qk_nope_head_dim + m.attention.qk_rope_head_dim, m.dtype)
+
+
+def cudnn_attention_probe() -> str | None:
+  """A small cuDNN MLA attention (query / key width 192, value width 128, two packed documents) forward and
+  backward, compiled and run: None if it works, else the error string."""
+  try:
+    keys = jax.random.split(jax.random.key(0), 3)
+    q, k = (jax.random.normal(kk, (2, 256, 4, 192), jnp.bfloat16) for kk in keys[:2])
+    v = jax.random.normal(keys[2], (2, 256, 4, 128), jnp.bfloat16)
+    seg = jnp.where(jnp.arange(256) < 100, 1, 2)[None].repeat(2, 0).astype(jnp.int32)
+
+    def loss(q, k, v):
+      out = fused_attention.mla_dot_product_attention(q, k, v, seg, scale=192 ** -0.5, implementation="cudnn")
+      return jnp.sum(out.astype(jnp.float32))
+
+    grads = jax.block_until_ready(jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v))
+    if not all(bool(jnp.isfinite(g.astype(jnp.float32)).all()) for g in grads):
+      return "non-finite gradients"
+    return None
+  except Exception as e:  # noqa: BLE001 - recorded by the caller
+    return _error(e)
 
 
 def synthetic_batch(cfg, key) -> dict:
@@ -326,10 +359,18 @@ def section_b(args, errors: list) -> dict:
 
 def section_c(args, errors: list, optimizer: str) -> dict:
   cfg = slice_config(args, optimizer)
+  attention = attention_choice(cfg)
+  probe = cudnn_attention_probe() if attention == "cudnn" else None
+  if probe:  # recorded as an error, and the step still measured (blockwise)
+    errors.append(f"c {optimizer}: cuDNN attention failed a small forward + backward ({probe}); "
+                  "the step runs attention_impl=blockwise")
+    cfg = cfg.copy_and_resolve_references()
+    cfg.model.attention_impl = attention = "blockwise"
   m = cfg.model
   b, s = cfg.train.batch_size, cfg.data.seq_len
   res = {"optimizer": optimizer, "num_layers": m.num_layers, "first_k_dense": m.first_k_dense,
          "mtp_layers": m.mtp.num_layers, "batch": b, "seq_len": s, "attention_impl": m.attention_impl,
+         "attention_resolved": attention, "cudnn_probe_error": probe, "muon_ns_dtype": cfg.optim.muon_ns_dtype,
          "remat": m.remat, "moe_impl": kernels.resolve_impl(m.moe.impl),
          "param_count": int(sum(np.prod(x.shape) for x in jax.tree.leaves(model.abstract_params(cfg))))}
   mem = (jax.devices()[0].memory_stats() or {}).get("bytes_limit", 0) / GIB
@@ -435,23 +476,31 @@ def _time_part(args, name: str, fn, diff: tuple, rest: tuple, train_flops: float
     row["fwd_bwd_tflops"] = train_flops / (row["fwd_bwd_ms"] * 1e-3) / 1e12
   if train_flops and row["fwd_ms"]:
     row["fwd_tflops"] = train_flops / 3 / (row["fwd_ms"] * 1e-3) / 1e12
-  print(f"  {name:24s} fwd {_fmt(row['fwd_ms'], 9)} ms  fwd+bwd {_fmt(row['fwd_bwd_ms'], 9)} ms  "
+  print(f"  {name:30s} fwd {_fmt(row['fwd_ms'], 9)} ms  fwd+bwd {_fmt(row['fwd_bwd_ms'], 9)} ms  "
         f"{_fmt(row.get('fwd_bwd_tflops'), 7)} TFLOP/s", flush=True)
   return row
 
 
 def _optimizer_rows(args, cfg, params: dict, errors: list) -> list[dict]:
   """One optimizer update (``tx.update`` + ``apply_updates``, as the step runs them) on all the slice's params,
-  for Muon then AdamW. Params and optimizer state are donated (updated in place, as in the step), so the
-  params pass from one optimizer to the next and the peak is params + gradients + one optimizer's state."""
+  for Muon (Newton-Schulz in the config's ``optim.muon_ns_dtype``), Muon with the other Newton-Schulz dtype,
+  then AdamW. Params and optimizer state are donated (updated in place, as in the step), so the params pass
+  from one optimizer to the next and the peak is params + gradients + one optimizer's state."""
   rows = []
   box = {"p": params}
   del params
-  for optimizer in ("muon", "adamw"):
-    row = {"part": f"optimizer ({optimizer})", "train_flops": None, "fwd_ms": None, "fwd_bwd_ms": None}
+  ns_dtype = cfg.optim.muon_ns_dtype
+  other = "float32" if ns_dtype == "bfloat16" else "bfloat16"
+  variants = (("optimizer (muon)", "muon", ns_dtype), (f"optimizer (muon, {other} NS)", "muon", other),
+              ("optimizer (adamw)", "adamw", ns_dtype))
+  for part, optimizer, dtype in variants:
+    row = {"part": part, "train_flops": None, "fwd_ms": None, "fwd_bwd_ms": None}
+    if optimizer == "muon":
+      row["muon_ns_dtype"] = dtype
     try:
       ocfg = cfg.copy_and_resolve_references()
       ocfg.optim.name = optimizer
+      ocfg.optim.muon_ns_dtype = dtype
       tx = optim.make_optimizer(ocfg, box["p"], cfg.train.steps)
       grads = jax.jit(lambda p: jax.tree.map(lambda x: (1e-3 * x).astype(x.dtype), p))(box["p"])
       box["s"] = jax.jit(tx.init)(box["p"])
@@ -477,7 +526,7 @@ def _optimizer_rows(args, cfg, params: dict, errors: list) -> list[dict]:
       errors.append(f"d {row['part']}: {row['error']}")
     grads = None
     box.pop("s", None)
-    print(f"  {row['part']:24s} update {_fmt(row['fwd_bwd_ms'], 9)} ms", flush=True)
+    print(f"  {row['part']:30s} update {_fmt(row['fwd_bwd_ms'], 9)} ms", flush=True)
     rows.append(row)
   return rows
 
@@ -517,9 +566,20 @@ def _part_rows(args, cfg, params: dict, res: dict, errors: list) -> list[dict]:
   # Attention on the first MoE block (the dense block's is the same shape).
   stack = "moe_layers" if n_moe else "dense_layers"
   attn_p, attn_rest = _split(_layer(params, stack), ("attn_norm", "attn"))
+  attn_flops = (fpt["attention_proj"] + fpt["attention_scores"]) / m.num_layers * t
   add("attention (MLA block)", functools.partial(_attention, m, stack), (attn_p, x),
-      (attn_rest, positions, segments), (fpt["attention_proj"] + fpt["attention_scores"]) / m.num_layers * t,
-      forward=True)
+      (attn_rest, positions, segments), attn_flops, forward=True)
+  main = attention_choice(cfg)
+  rows[-1]["impl"] = main
+  # Side by side: the other implementation of the same block (blockwise beside cuDNN; xla beside blockwise at
+  # --tiny, where cuDNN is not there; at full size xla's scores do not fit, so nothing beside blockwise).
+  alt = {"cudnn": "blockwise", "blockwise": "xla" if args.tiny else None}.get(main)
+  if alt:
+    acfg = cfg.copy_and_resolve_references()
+    acfg.model.attention_impl = alt
+    add(f"  attention, {alt}", functools.partial(_attention, acfg.model, stack), (attn_p, x),
+        (attn_rest, positions, segments), attn_flops, forward=True)
+    rows[-1]["impl"] = alt
   del attn_p, attn_rest
 
   if n_moe:
@@ -697,12 +757,14 @@ def format_table(result: dict) -> str:
       if r:
         lines.append(f"  slice: {r['num_layers']} layers ({r['first_k_dense']} dense) + {r['mtp_layers']} MTP, "
                      f"{r['param_count'] / 1e9:.2f}B params, {r['batch']} x {r['seq_len']} tokens, "
-                     f"attention {r['attention_impl']}, remat {r['remat']}, MoE impl {r['moe_impl']}")
+                     f"attention {r['attention_impl']} -> {r.get('attention_resolved')}, remat {r['remat']}, "
+                     f"MoE impl {r['moe_impl']}, Muon NS {r.get('muon_ns_dtype')}")
     elif key == "d":
       body = s.get("d", {})
-      lines.append(f"  {'part':26s} {'fwd ms':>10} {'fwd+bwd ms':>11} {'TFLOP/s':>8}")
+      lines.append(f"  {'part':34s} {'fwd ms':>10} {'fwd+bwd ms':>11} {'TFLOP/s':>8}")
       for r in body.get("parts", []):
-        lines.append(f"  {r['part']:26s} {_fmt(r.get('fwd_ms'), 10, 2)} {_fmt(r.get('fwd_bwd_ms'), 11, 2)} "
+        name = r["part"] + (f" [{r['impl']}]" if r["part"] == "attention (MLA block)" and r.get("impl") else "")
+        lines.append(f"  {name:34s} {_fmt(r.get('fwd_ms'), 10, 2)} {_fmt(r.get('fwd_bwd_ms'), 11, 2)} "
                      f"{_fmt(r.get('fwd_bwd_tflops'), 8)}{'  ' + r['error'] if r.get('error') else ''}")
       if body.get("estimated_step_ms") is not None:
         lines.append(f"  {'sum of parts as the step runs them':38s} {_fmt(body['estimated_step_ms'], 11, 1)} ms")

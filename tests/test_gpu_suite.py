@@ -14,8 +14,9 @@ from conftest import REPO_ROOT
 
 SUITE = os.path.join(REPO_ROOT, "benchmarks", "gpu_suite.py")
 
-PARTS = ("attention (MLA block)", "MoE layer", "  router", "  permute", "  routed experts", "  shared expert",
-         "  combine", "dense MLP", "LM head + loss", "MTP block", "optimizer (muon)", "optimizer (adamw)")
+PARTS = ("attention (MLA block)", "  attention, xla", "MoE layer", "  router", "  permute", "  routed experts", "  shared expert",
+         "  combine", "dense MLP", "LM head + loss", "MTP block", "optimizer (muon)", "optimizer (muon, float32 NS)",
+         "optimizer (adamw)")
 
 
 def _load_suite():
@@ -76,7 +77,9 @@ def test_tiny_suite_runs_every_section_without_errors(tmp_path):
     r = c[unit]
     assert "error" not in r, r
     assert r["optimizer"] == unit.split(":")[1] and r["num_layers"] == 4 and r["mtp_layers"] == 1
-    assert r["attention_impl"] == "blockwise" and r["moe_impl"] == "pallas_interpret"
+    assert r["attention_impl"] == "auto" and r["moe_impl"] == "pallas_interpret"
+    assert r["attention_resolved"] == "blockwise" and r["cudnn_probe_error"] is None  # auto off the GPU
+    assert r["muon_ns_dtype"] == "bfloat16"
     for key in ("compile_s", "step_ms", "tokens_per_s", "first_step_ms", "plan_gib", "xla_gib", "flops_per_token",
                 "achieved_tflops", "loss_first", "loss_last"):
       assert _number(r[key]) and r[key] > 0, (unit, key, r[key])
@@ -89,8 +92,12 @@ def test_tiny_suite_runs_every_section_without_errors(tmp_path):
   assert set(parts) == set(PARTS), sorted(parts)
   for name, r in parts.items():
     assert "error" not in r and _number(r["fwd_bwd_ms"]) and r["fwd_bwd_ms"] > 0, r
-  for name in ("attention (MLA block)", "MoE layer", "dense MLP"):
+  for name in ("attention (MLA block)", "  attention, xla", "MoE layer", "dense MLP"):
     assert _number(parts[name]["fwd_ms"]) and parts[name]["fwd_ms"] > 0
+  # side by side: the slice's attention (auto -> blockwise on the CPU) and the other implementation
+  assert parts["attention (MLA block)"]["impl"] == "blockwise" and parts["  attention, xla"]["impl"] == "xla"
+  assert parts["optimizer (muon)"]["muon_ns_dtype"] == "bfloat16"
+  assert parts["optimizer (muon, float32 NS)"]["muon_ns_dtype"] == "float32"
   assert _number(d["estimated_step_ms"]) and d["estimated_step_ms"] > 0
 
   # The table, printed.
