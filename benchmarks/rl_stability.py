@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 import tempfile
 import time
@@ -39,9 +40,24 @@ COLUMNS = ("reward", "eval/reward", "entropy", "mean_ratio", "max_ratio", "gated
 VOCAB = 512  # the model's; the task's tokenizer (a small BPE plus the chat markers) fits in it
 
 
-def prepare(workdir: str, *, sft_steps: int, env_args: str, seed: int = 0, log=print) -> dict:
-  """The shared start: a tokenizer for the task (``tokenizer.json``) and a tiny model SFT-trained on the task's
-  demonstrations for ``sft_steps`` steps (the answer format, and some of the answers). Returns their paths."""
+def off_by_one(rows: list[dict], fraction: float, seed: int) -> list[dict]:
+  """``rows`` with the integer answer of a ``fraction`` of them (chosen by ``seed``) replaced by answer + 1."""
+  rng = random.Random(seed)
+  out = []
+  for r in rows:
+    msgs = [dict(m) for m in r["messages"]]
+    if rng.random() < fraction:
+      msgs[-1]["content"] = str(int(msgs[-1]["content"]) + 1)
+    out.append({"messages": msgs})
+  return out
+
+
+def prepare(workdir: str, *, sft_steps: int, env_args: str, wrong_fraction: float = 0.0, seed: int = 0,
+            log=print) -> dict:
+  """The shared start: a tokenizer for the task (``tokenizer.json``) and a tiny model SFT-trained for
+  ``sft_steps`` steps on demonstrations of the task's training prompts, a ``wrong_fraction`` of them answering
+  a + b + 1 (``off_by_one``): a model that knows the answer format and, with wrong_fraction > 0.5, answers
+  wrong when greedy while its samples hold the right answer some of the time. Returns the paths."""
   os.makedirs(workdir, exist_ok=True)
   rl_cfg = load_config(RL_CONFIG, [f"--config.rl.env_args={env_args}", f"--config.model.vocab_size={VOCAB}"])
   env = envs.make_env(rl_cfg.rl)
@@ -50,7 +66,8 @@ def prepare(workdir: str, *, sft_steps: int, env_args: str, seed: int = 0, log=p
   tok_path = os.path.join(workdir, "tokenizer.json")
   tok.save(tok_path)
   # Demonstrations of the training prompts only: the held-out ones (data.eval_fraction) stay unseen.
-  rows = env.demonstrations(2000, seed, indices=PromptStream(rl_cfg, tok, env).train_indices)
+  rows = off_by_one(env.demonstrations(2000, seed, indices=PromptStream(rl_cfg, tok, env).train_indices),
+                    wrong_fraction, seed)
   data = os.path.join(workdir, "demonstrations.jsonl")
   with open(data, "w", encoding="utf-8") as f:
     for r in rows:
@@ -133,7 +150,8 @@ def plot(curves: dict, path: str, title: str) -> None:
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--steps", type=int, default=40, help="RL steps per loss")
-  p.add_argument("--sft-steps", type=int, default=150, help="format warm-up steps")
+  p.add_argument("--sft-steps", type=int, default=400, help="warm-up SFT steps")
+  p.add_argument("--wrong-fraction", type=float, default=0.6, help="warm-up rows answering a + b + 1")
   p.add_argument("--lr", type=float, default=3e-3, help="deliberately high for a tiny model (the task's is 1e-3)")
   p.add_argument("--env-args", default="max_operand=9,ops=+")
   p.add_argument("--losses", default=",".join(LOSSES))
@@ -142,7 +160,7 @@ def main(argv=None) -> dict:
   p.add_argument("--png", default="rl_stability.png")
   args = p.parse_args(argv)
   workdir = args.workdir or tempfile.mkdtemp(prefix="rl_stability_")
-  start = prepare(workdir, sft_steps=args.sft_steps, env_args=args.env_args)
+  start = prepare(workdir, sft_steps=args.sft_steps, env_args=args.env_args, wrong_fraction=args.wrong_fraction)
   losses = tuple(x.strip() for x in args.losses.split(",") if x.strip())
   curves = run_losses(start, workdir, steps=args.steps, lr=args.lr, env_args=args.env_args, losses=losses)
   print(table(curves))

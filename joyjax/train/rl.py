@@ -30,6 +30,7 @@ from joyjax.batch import ROLLOUT_KEYS
 from joyjax.data import chat
 from joyjax.losses import policy
 from joyjax.losses.rollout import rollout_logps
+from joyjax.parallel import rules
 from joyjax.rl import envs
 from joyjax.rl.prompts import PromptStream
 from joyjax.rl.sampler import Sampler
@@ -171,6 +172,9 @@ class Rollouts:
     self.sampler = Sampler(cfg, max_prompt_len=int(rl.max_prompt_len), max_new_tokens=int(rl.max_new_tokens),
                            mesh=mesh)
     self.env = stream.env
+    # Rows per process must split over this process's share of the batch axes: pad (and drop) to a multiple.
+    width = 1 if mesh is None else rules.data_parallel_size(mesh, rules.get_rules(cfg))
+    self.local_multiple = max(1, width // jax.process_count())
     self.reward = envs.make_reward(rl, self.env, tokenizer=tokenizer)
     self.stop_ids = tuple(i for i in (tokenizer.eos_id,) if i is not None)
     self.domains = sorted({p.domain for p in self.env.prompts()})
@@ -182,11 +186,18 @@ class Rollouts:
     toks = np.repeat(np.asarray(prompts["prompt_tokens"]), repeats, axis=0)
     lens = np.repeat(np.asarray(prompts["prompt_lens"]), repeats, axis=0)
     index = np.repeat(np.asarray(prompts["prompt_index"]), repeats, axis=0)
+    rows = toks.shape[0]
+    pad = (-rows) % self.local_multiple  # e.g. an evaluation batch smaller than the data-parallel width
+    if pad:
+      toks = np.concatenate([toks, np.repeat(toks[:1], pad, axis=0)])
+      lens = np.concatenate([lens, np.repeat(lens[:1], pad, axis=0)])
     roll = self.sampler(params, toks, lens, key, temperature=temperature, top_p=float(self.rl.top_p),
                         top_k=int(self.rl.top_k), stop_ids=self.stop_ids)
+    keep = np.concatenate([np.ones(rows, bool), np.zeros(pad, bool)])
     roll = {name: _gather(getattr(roll, name)) for name in ("tokens", "positions", "segment_ids", "response_mask",
                                                             "logprobs", "lengths", "stopped")}
-    return roll, _gather_local(index)
+    keep = _gather_local(keep)
+    return {k: v[keep] for k, v in roll.items()}, _gather_local(index)
 
   def score(self, roll: dict, index: np.ndarray):
     """(rewards [rows], correct [rows], format [rows]) of each row's decoded response."""
