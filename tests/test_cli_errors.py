@@ -18,6 +18,7 @@ import sys
 import jax.numpy as jnp
 import pytest
 
+from chat_data import chat_tokenizer
 from configs import base
 from joyjax import cli
 from joyjax.data.tokenizer import train_tokenizer
@@ -263,3 +264,21 @@ def test_listed_keys_exist_and_have_a_meaning():
   for key in cli.MAIN_KEYS:
     assert cli.config_key_comments().get(key) or key in cli._MEANINGS, key
   assert cli.config_key_comments()["data.seq_len"] == "packed sequence length"
+
+
+@pytest.mark.slow  # tests/test_rl_envs.py checks the same errors in-process
+def test_rl_names_a_bad_task_reward_or_prompt_length(tmp_path):
+  """`joyjax rl` with a task module that does not exist, an unknown task option, a reward function that does
+  not exist, or prompts longer than rl.max_prompt_len: one line naming the key and the fix."""
+  tok = tmp_path / "tokenizer.json"
+  chat_tokenizer(512).save(str(tok))
+  args = ["--config", f"{ROOT}/configs/fiberpo_tiny.py", f"--config.train.output_dir={tmp_path / 'run'}",
+          f"--config.data.tokenizer={tok}", "--config.model.vocab_size=640"]
+  assert_one_line(joyjax(tmp_path, "rl", *args, "--config.rl.env=no_such_module:make"), "rl", "config error",
+                  "'rl.env'", "no_such_module")
+  assert_one_line(joyjax(tmp_path, "rl", *args, "--config.rl.env_args=max_operandz=3"), "rl", "config error",
+                  "rl.env_args", "max_operandz")
+  assert_one_line(joyjax(tmp_path, "rl", *args, "--config.rl.reward_fn=no_such_module:reward"), "rl",
+                  "config error", "rl.reward_fn")
+  assert_one_line(joyjax(tmp_path, "rl", *args, "--config.rl.max_prompt_len=4"), "rl", "data error",
+                  "rl.max_prompt_len")

@@ -17,7 +17,7 @@ from joyjax.rl.sampler import Sampler
 from joyjax.train import loop, rl, state as state_lib
 
 RL_SMALL = {"model.vocab_size": 640, "model.num_layers": 2, "model.mtp.num_layers": 0, "optim.name": "adamw",
-            "optim.lr": 1e-3, "optim.schedule": "constant", "optim.warmup_steps": 0, "rl.prompts_per_step": 4,
+            "optim.lr": 1e-3, "optim.schedule": "constant", "optim.warmup_steps": 0, "rl.prompts_per_step": 8,
             "rl.num_generations": 2, "rl.max_prompt_len": 24, "rl.max_new_tokens": 4, "rl.num_minibatches": 2,
             "train.log_every": 1, "train.sample_prompt": "", "checkpoint.every": 0, "train.mtp_loss_weight": 0.0}
 
@@ -38,7 +38,7 @@ def _rollout_batch(cfg, params, seed=0):
            "response_mask": roll.response_mask, "advantages": rng.normal(size=rows).astype(np.float32),
            "group_ids": (np.arange(rows) // g).astype(np.int32), "domain_ids": np.zeros(rows, np.int32),
            rl.SAMPLER_LOGPS: roll.logprobs}
-  return {k: jnp.asarray(v) for k, v in batch.items()}
+  return {k: jnp.asarray(v) for k, v in rl.minibatch_major(batch, cfg.rl.num_minibatches).items()}
 
 
 @pytest.mark.parametrize("loss", ["fiberpo", "fiberpo_domain", "grpo", "gspo"])

@@ -197,6 +197,9 @@ def _train(cfg, objective: Objective, *, stop_after, stream, print_sample: bool,
     elif t.init_from:
       # With LoRA on, a base checkpoint gets fresh adapters (state.init_params_from).
       params = state_lib.init_params_from(cfg, t.init_from, abstract["params"], jax.random.key(t.seed))
+      # Restored before the next program starts: on simulated CPU devices two programs whose collectives
+      # interleave can deadlock each other.
+      jax.block_until_ready(params)
       state = jax.jit(init_state, out_shardings=state_sh)(params)
       origin = f"initialised params from {t.init_from}"
     else:

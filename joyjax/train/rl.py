@@ -28,6 +28,7 @@ from jax.experimental import multihost_utils
 from joyjax import model
 from joyjax.batch import ROLLOUT_KEYS
 from joyjax.data import chat
+from joyjax.errors import ConfigError
 from joyjax.losses import policy
 from joyjax.losses.rollout import rollout_logps
 from joyjax.parallel import rules
@@ -69,14 +70,17 @@ def rl_state_from_params(cfg, tx, params) -> dict:
   return state
 
 
-def _minibatches(batch: dict, k: int) -> dict:
-  """[rows, ...] -> [k, rows / k, ...]: consecutive rows, so whole prompt groups stay together when they fit."""
-  return jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), batch)
+def minibatch_major(batch: dict, k: int) -> dict:
+  """Host arrays [rows, ...] -> [k, rows / k, ...]: ``k`` minibatches of consecutive rows (whole prompt groups
+  stay together when they fit). The update takes this layout with the batch axes on axis 1, so every minibatch
+  is spread over all devices and picking one needs no resharding."""
+  return {name: np.asarray(x).reshape(k, x.shape[0] // k, *x.shape[1:]) for name, x in batch.items()}
 
 
 def make_rl_update(cfg, tx: optax.GradientTransformation, num_domains: int = 1):
   """``update(state, batch) -> (state, metrics)``: the optimizer updates of one rollout batch
-  (``joyjax.batch.ROLLOUT_KEYS``, plus ``SAMPLER_LOGPS`` when the sampler's log-probs are to be compared).
+  (``joyjax.batch.ROLLOUT_KEYS``, plus ``SAMPLER_LOGPS`` when the sampler's log-probs are to be compared), in
+  the ``minibatch_major`` layout [rl.num_minibatches, rows per minibatch, ...].
   ``num_domains``: how many task domains the domain ids run over (FiberPO-Domain). Jit it with the state donated."""
   rl = cfg.rl
   k, epochs = int(rl.num_minibatches), int(rl.epochs)
@@ -104,15 +108,14 @@ def make_rl_update(cfg, tx: optax.GradientTransformation, num_domains: int = 1):
 
   def update(state, batch):
     sampler_logps = batch.get(SAMPLER_LOGPS)
-    batch = {key: batch[key] for key in ROLLOUT_KEYS}
-    mbs = _minibatches(batch, k)
+    mbs = {key: batch[key] for key in ROLLOUT_KEYS}
     params0 = state["params"]
     no_grad = lambda p: jax.lax.map(lambda mb: jax.lax.stop_gradient(logps(p, mb)[0]), mbs)  # noqa: E731
     old = no_grad(params0)
     gap = {}
     if sampler_logps is not None:
-      mask = batch["response_mask"]
-      diff = jnp.abs(old.reshape(sampler_logps.shape) - sampler_logps) * mask
+      mask = mbs["response_mask"]
+      diff = jnp.abs(old - sampler_logps) * mask
       gap = {"sampler_logp_gap": jnp.sum(diff) / jnp.maximum(jnp.sum(mask), 1.0), "sampler_logp_gap_max": jnp.max(diff)}
     ref = no_grad(jax.lax.stop_gradient(dpo.reference_params(cfg, state))) if rl.kl_coef > 0 else None
     order = jnp.tile(jnp.arange(k), epochs)
@@ -238,14 +241,21 @@ class RLStep:
 
   def __init__(self, cfg, tx, rollouts: Rollouts, mesh, state_shardings, batch_sharding):
     self.cfg, self.rollouts = cfg, rollouts
+    width = rules.data_parallel_size(mesh, rules.get_rules(cfg))
+    per_mb = rollout_rows(cfg) // int(cfg.rl.num_minibatches)
+    if per_mb % width:
+      raise ConfigError(f"config key 'rl.num_minibatches': a minibatch of {per_mb} trajectories (rl.prompts_per_step "
+                        f"x rl.num_generations / rl.num_minibatches) does not split over the {width}-way batch "
+                        "axes of the mesh; use fewer minibatches or more prompts per step")
     self.mesh = mesh
     self.update = jax.jit(make_rl_update(cfg, tx, len(rollouts.domains)), in_shardings=(state_shardings, None),
                           out_shardings=(state_shardings, None), donate_argnums=(0,))
     self.batch_sharding = batch_sharding
 
   def _sharding(self, ndim: int):
+    """[minibatches, rows, ...]: rows over the batch axes."""
     spec = self.batch_sharding.spec
-    return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(spec[0], *([None] * (ndim - 1))))
+    return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(None, spec[0], *([None] * (ndim - 2))))
 
   def __call__(self, state, prompts: dict):
     rl = self.cfg.rl
@@ -267,7 +277,7 @@ class RLStep:
         "group_ids": (np.arange(rows) // g).astype(np.int32), "domain_ids": domains,
         SAMPLER_LOGPS: roll["logprobs"].astype(np.float32),
     }
-    state, metrics = self.update(state, _to_global(batch, self._sharding))
+    state, metrics = self.update(state, _to_global(minibatch_major(batch, int(rl.num_minibatches)), self._sharding))
     host = rollout_metrics(roll, rewards, correct, fmt)
     host["advantage_std"] = float(np.std(adv))
     host["zero_variance_groups"] = float(np.mean(rewards.reshape(-1, g).std(axis=1) == 0))
