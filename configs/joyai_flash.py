@@ -29,5 +29,8 @@ def get_config():
   m.mtp.num_layers = 1
   c.data.seq_len = 4096
   c.train.batch_size = 512
+  # 4096 tokens per vocabulary chunk: 2 GiB of float32 logits at a time; on an H200 the LM head + loss runs
+  # 199 ms fwd+bwd at 32K tokens against 223 ms with 1024, and the slice's step 3% faster (gpu_suite.py).
+  c.train.loss_chunk = 4096
   c.optim.name = "muon"
   return c
