@@ -8,8 +8,8 @@ all three), then ``joyjax rl`` with each policy loss from the same start, the sa
 tokens / trajectories and gradient norm (from each run's metrics.jsonl), prints a table, writes the JSON and a PNG
 plot.
 
-  python benchmarks/rl_stability.py --out rl_stability.json --png rl_stability.png     # ~10 min on 2 CPU cores
-  python benchmarks/rl_stability.py --steps 4 --sft-steps 20 --out /tmp/r.json --png /tmp/r.png   # smoke run
+  python benchmarks/rl_stability.py --out rl_stability.json --png rl_stability.png     # ~5 min on 2 CPU cores
+  python benchmarks/rl_stability.py --steps 3 --sft-steps 20 --lr 1e-3 --out /tmp/r.json --png /tmp/r.png   # smoke
 """
 
 from __future__ import annotations
@@ -102,26 +102,45 @@ def read_metrics(out_dir: str) -> list[dict]:
   return rows
 
 
-def run_losses(start: dict, workdir: str, *, steps: int, lr: float, env_args: str, losses=LOSSES, log=print):
-  """{loss: [per-step metrics]} of one RL run per loss from the same start."""
+def run_losses(start: dict, workdir: str, *, steps: int, lrs, env_args: str, losses=LOSSES, log=print):
+  """{"loss@lr": [per-step metrics]} of one RL run per loss and learning rate, all from the same start."""
   out = {}
-  for loss in losses:
-    d = os.path.join(workdir, f"rl_{loss}")
-    t0 = time.time()
-    loop.train(rl_config(start, d, loss, steps=steps, lr=lr, env_args=env_args), objective=loop.RL,
-               print_sample=False, stream=open(os.devnull, "w"))
-    out[loss] = [{k: r[k] for k in ("step", *COLUMNS) if k in r} for r in read_metrics(d)]
-    log(f"{loss}: {steps} steps in {time.time() - t0:.0f}s")
+  for lr in lrs:
+    for loss in losses:
+      d = os.path.join(workdir, f"rl_{loss}_{lr:g}")
+      t0 = time.time()
+      loop.train(rl_config(start, d, loss, steps=steps, lr=lr, env_args=env_args), objective=loop.RL,
+                 print_sample=False, stream=open(os.devnull, "w"))
+      out[f"{loss}@{lr:g}"] = [{k: r[k] for k in ("step", *COLUMNS) if k in r} for r in read_metrics(d)]
+      log(f"{loss} at lr {lr:g}: {steps} steps in {time.time() - t0:.0f}s")
   return out
 
 
+def summary(curves: dict) -> str:
+  """One line per run: reward at the first and last 5 steps, held-out reward at the first and last evaluation
+  and its best, entropy range, the largest mean ratio, mean gradient norm."""
+  head = (f"{'run':16} {'reward first5':>13} {'last5':>7} {'eval first':>10} {'last':>6} {'best':>6} "
+          f"{'entropy min':>11} {'max':>6} {'max mean_ratio':>14} {'grad_norm':>9}")
+  lines = [head, "-" * len(head)]
+  mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
+  for run, rows in curves.items():
+    rew = [r["reward"] for r in rows]
+    ev = [r["eval/reward"] for r in rows if "eval/reward" in r]
+    ent = [r["entropy"] for r in rows]
+    lines.append(f"{run:16} {mean(rew[:5]):13.3f} {mean(rew[-5:]):7.3f} {ev[0] if ev else float('nan'):10.3f} "
+                 f"{ev[-1] if ev else float('nan'):6.3f} {max(ev) if ev else float('nan'):6.3f} {min(ent):11.3f} "
+                 f"{max(ent):6.3f} {max(r['mean_ratio'] for r in rows):14.3f} "
+                 f"{mean([r['grad_norm'] for r in rows]):9.3f}")
+  return "\n".join(lines)
+
+
 def table(curves: dict) -> str:
-  head = f"{'loss':8} {'step':>5} " + " ".join(f"{c:>18}" for c in COLUMNS)
+  head = f"{'run':16} {'step':>5} " + " ".join(f"{c:>18}" for c in COLUMNS)
   lines = [head, "-" * len(head)]
   for loss, rows in curves.items():
     for r in rows:
       cells = " ".join(f"{r[c]:18.4g}" if isinstance(r.get(c), (int, float)) else f"{'-':>18}" for c in COLUMNS)
-      lines.append(f"{loss:8} {r['step']:5d} {cells}")
+      lines.append(f"{loss:16} {r['step']:5d} {cells}")
   return "\n".join(lines)
 
 
@@ -130,17 +149,21 @@ def plot(curves: dict, path: str, title: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   panels = ("reward", "eval/reward", "entropy", "mean_ratio", "gated_tokens", "grad_norm")
-  fig, axes = plt.subplots(2, 3, figsize=(13, 7))
-  for ax, name in zip(axes.flat, panels):
-    for loss, rows in curves.items():
-      pts = [(r["step"], r[name]) for r in rows if isinstance(r.get(name), (int, float))]
-      if pts:
-        ax.plot(*zip(*pts), label=loss, marker="." if len(pts) < 30 else None)
-    ax.set_title(name)
-    ax.set_xlabel("step")
-    if name == "mean_ratio":
-      ax.set_yscale("log")
-  axes.flat[0].legend()
+  lrs = sorted({run.split("@")[1] for run in curves}, key=float)
+  fig, axes = plt.subplots(len(lrs), len(panels), figsize=(3.2 * len(panels), 2.8 * len(lrs)), squeeze=False)
+  for row, lr in zip(axes, lrs):
+    for ax, name in zip(row, panels):
+      for run, rows in curves.items():
+        if run.split("@")[1] != lr:
+          continue
+        pts = [(r["step"], r[name]) for r in rows if isinstance(r.get(name), (int, float))]
+        if pts:
+          ax.plot(*zip(*pts), label=run.split("@")[0], marker="." if name == "eval/reward" else None)
+      ax.set_title(f"{name} (lr {lr})", fontsize=9)
+      ax.set_xlabel("step", fontsize=8)
+      if name == "mean_ratio":
+        ax.set_yscale("log")
+    row[0].legend(fontsize=8)
   fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
@@ -152,7 +175,8 @@ def main(argv=None) -> dict:
   p.add_argument("--steps", type=int, default=40, help="RL steps per loss")
   p.add_argument("--sft-steps", type=int, default=400, help="warm-up SFT steps")
   p.add_argument("--wrong-fraction", type=float, default=0.6, help="warm-up rows answering a + b + 1")
-  p.add_argument("--lr", type=float, default=3e-3, help="deliberately high for a tiny model (the task's is 1e-3)")
+  p.add_argument("--lr", default="1e-4,3e-4,1e-3",
+                 help="learning rates, comma separated (the e2e recipe's is 1e-4; 1e-3 is deliberately high)")
   p.add_argument("--env-args", default="max_operand=9,ops=+")
   p.add_argument("--losses", default=",".join(LOSSES))
   p.add_argument("--workdir", default="", help="where the runs go (default: a temporary folder)")
@@ -162,13 +186,16 @@ def main(argv=None) -> dict:
   workdir = args.workdir or tempfile.mkdtemp(prefix="rl_stability_")
   start = prepare(workdir, sft_steps=args.sft_steps, env_args=args.env_args, wrong_fraction=args.wrong_fraction)
   losses = tuple(x.strip() for x in args.losses.split(",") if x.strip())
-  curves = run_losses(start, workdir, steps=args.steps, lr=args.lr, env_args=args.env_args, losses=losses)
+  lrs = [float(x) for x in args.lr.split(",") if x.strip()]
+  curves = run_losses(start, workdir, steps=args.steps, lrs=lrs, env_args=args.env_args, losses=losses)
   print(table(curves))
-  result = {"steps": args.steps, "sft_steps": args.sft_steps, "lr": args.lr, "env_args": args.env_args,
-            "curves": curves}
+  print()
+  print(summary(curves))
+  result = {"steps": args.steps, "sft_steps": args.sft_steps, "lrs": lrs, "env_args": args.env_args,
+            "wrong_fraction": args.wrong_fraction, "curves": curves}
   with open(args.out, "w", encoding="utf-8") as f:
     json.dump(result, f, indent=1)
-  plot(curves, args.png, f"tiny model, arithmetic task, lr {args.lr:g}: " + " vs ".join(losses))
+  plot(curves, args.png, "tiny model, arithmetic task: " + " vs ".join(losses) + " from one warm start")
   print(f"wrote {args.out} and {args.png}")
   return result
 
