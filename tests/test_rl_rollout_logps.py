@@ -4,6 +4,7 @@ the sampling temperature, against the full-vocabulary forward pass computed dire
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from conftest import tiny_config
 from joyjax import model
@@ -21,7 +22,7 @@ def _rows():
 
 
 def test_logps_and_entropy_match_the_full_forward_pass_at_the_temperature():
-  cfg = tiny_config({"train.loss_chunk": 5})  # several chunks and a padded tail
+  cfg = tiny_config({"train.loss_chunk": 5, "model.num_layers": 2, "model.mtp.num_layers": 0})  # several chunks and a padded tail
   params = model.init(cfg, jax.random.key(0))
   batch = {k: jnp.asarray(v) for k, v in _rows().items()}
   temp = 0.7
@@ -43,6 +44,7 @@ def test_logps_and_entropy_match_the_full_forward_pass_at_the_temperature():
   assert float(jnp.sum(jnp.abs(lp) * (1 - batch["response_mask"]))) == 0.0
 
 
+@pytest.mark.slow  # a metric's gradient; the values are checked in the fast test above
 def test_entropy_has_no_gradient_and_logps_do():
   cfg = tiny_config()
   params = model.init(cfg, jax.random.key(1))

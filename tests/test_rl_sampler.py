@@ -172,6 +172,7 @@ def test_truncation_and_keys(setup):
   assert sampler.compiles() == 1
 
 
+@pytest.mark.slow  # the fast RL loop test (tests/test_rl_step.py) samples on the 8-device mesh too
 def test_mesh_equals_unsharded():
   """fsdp 4 x expert 2 over the 8 CPU devices (params and batch sharded as in training, expert parallelism in
   the MoE layers): the same rollout as on one device."""

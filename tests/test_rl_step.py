@@ -41,7 +41,8 @@ def _rollout_batch(cfg, params, seed=0):
   return {k: jnp.asarray(v) for k, v in rl.minibatch_major(batch, cfg.rl.num_minibatches).items()}
 
 
-@pytest.mark.parametrize("loss", ["fiberpo", "fiberpo_domain", "grpo", "gspo"])
+@pytest.mark.parametrize("loss", ["fiberpo", *(pytest.param(x, marks=pytest.mark.slow)  # same code path
+                                               for x in ("fiberpo_domain", "grpo", "gspo"))])
 def test_update_first_minibatch_ratio_is_exactly_one(loss):
   cfg = tiny_config(RL_SMALL, {"rl.loss": loss})
   tx = optim.make_optimizer(cfg, model.abstract_params(cfg), rl.optimizer_steps(cfg))
@@ -63,6 +64,7 @@ def test_update_first_minibatch_ratio_is_exactly_one(loss):
   assert float(m["entropy"]) > 0
 
 
+@pytest.mark.slow  # the KL term itself: tests/test_policy_loss.py; the update path: the test above
 def test_update_with_kl_keeps_a_frozen_reference():
   cfg = tiny_config(RL_SMALL, {"rl.kl_coef": 0.1, "rl.epochs": 2})
   tx = optim.make_optimizer(cfg, model.abstract_params(cfg), rl.optimizer_steps(cfg))
@@ -90,20 +92,20 @@ def _log(tmp_path):
 
 
 def test_rl_loop_logs_evaluates_and_resumes_to_the_same_rewards(tmp_path):
-  whole = loop.train(_loop_cfg(tmp_path / "a", 3), objective=loop.RL, print_sample=False)
-  assert sorted(whole.losses) == [1, 2, 3]
+  whole = loop.train(_loop_cfg(tmp_path / "a", 2), objective=loop.RL, print_sample=False)
+  assert sorted(whole.losses) == [1, 2]
   log = _log(tmp_path / "a")
   for key in ("reward", "pass_rate", "entropy", "response_length", "gated_tokens", "gated_trajectories",
               "mean_ratio", "grad_norm", "first_mean_ratio", "sampler_logp_gap"):
     assert key in log[0], key
   assert any(k.startswith("tokens") for k in log[1]), sorted(log[1])  # throughput after the compiling step
-  assert "eval/reward" in log[1] and "eval/pass_rate" in log[2]
+  assert "eval/reward" in log[1] and "eval/pass_rate" in log[1]
   assert all(r["first_mean_ratio"] == 1.0 for r in log)
   # Stopped after step 1 (as SIGTERM does), then resumed: the same rewards and losses as the run never stopped.
-  part = loop.train(_loop_cfg(tmp_path / "b", 3), objective=loop.RL, print_sample=False, stop_after=1)
+  part = loop.train(_loop_cfg(tmp_path / "b", 2), objective=loop.RL, print_sample=False, stop_after=1)
   assert part.interrupted and part.step == 1
-  rest = loop.train(_loop_cfg(tmp_path / "b", 3), objective=loop.RL, print_sample=False)
-  assert sorted(rest.losses) == [2, 3]
+  rest = loop.train(_loop_cfg(tmp_path / "b", 2), objective=loop.RL, print_sample=False)
+  assert sorted(rest.losses) == [2]
   resumed = {r["step"]: r for r in _log(tmp_path / "b")}
   for r in log:
     for key in ("reward", "loss", "entropy", "response_length"):
