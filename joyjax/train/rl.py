@@ -327,8 +327,10 @@ def evaluate(rollouts: Rollouts, params, seed: int, prefix: str = "eval/") -> di
 def open_rl_data(cfg, tokenizer, process_index: int, process_count: int, evaluate: bool):
   """(prompt stream, the same stream for its held-out prompts or None): the task's prompts rendered in the chat
   format; the stream's state (RNG, curriculum) is the run's data state."""
-  stream = PromptStream(cfg, tokenizer, envs.make_env(cfg.rl), process_index=process_index,
-                        process_count=process_count, template=chat.template_from_config(cfg))
+  env = envs.make_env(cfg.rl)
+  envs.make_reward(cfg.rl, env, tokenizer=tokenizer)  # a bad rl.reward_fn is reported here, before any output
+  stream = PromptStream(cfg, tokenizer, env, process_index=process_index, process_count=process_count,
+                        template=chat.template_from_config(cfg))
   return stream, (stream if evaluate else None)
 
 
