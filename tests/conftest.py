@@ -8,7 +8,9 @@ CI runs), ``python -m pytest -m "not slow"`` is the fast loop.
 """
 
 import os
+import signal
 import socket
+import subprocess
 import sys
 
 import pytest
@@ -103,3 +105,20 @@ def _free_port_fixture() -> int:
 @pytest.fixture(scope="session")
 def data_cache() -> str:
   return DATA_CACHE
+
+
+def signal_after(cmd, *, env, cwd, marker: str, timeout: int = 600) -> tuple[int, str]:
+  """Runs ``cmd``, sends it SIGTERM when a line of its output starts with ``marker``, and waits for it:
+  (exit status, everything it printed)."""
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd)
+  lines = []
+  try:
+    for line in proc.stdout:
+      lines.append(line)
+      if line.startswith(marker):
+        proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=timeout)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  return rc, "".join(lines)

@@ -9,14 +9,13 @@ prompts (reward below 0.3), and samples the right answer some of the time: what 
 import importlib.util
 import json
 import os
-import signal
 import subprocess
 import sys
 
 import jax
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, signal_after
 from joyjax import model
 from joyjax.config import load_config
 from joyjax.train import loop, rl, state as state_lib
@@ -78,18 +77,7 @@ def test_sigterm_then_resume_gives_the_same_rewards(start, tmp_path):
   rc = subprocess.run(command(straight), env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
   assert rc.returncode == 0, rc.stdout[-3000:] + rc.stderr[-3000:]
   cmd = command(out)
-  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT)
-  lines = []
-  try:
-    for line in proc.stdout:
-      lines.append(line)
-      if line.startswith(f"step 2/{steps}"):
-        proc.send_signal(signal.SIGTERM)
-    rc = proc.wait(timeout=600)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  text = "".join(lines)
+  rc, text = signal_after(cmd, env=env, cwd=REPO_ROOT, marker=f"step 2/{steps}")
   assert rc == 0 and "received SIGTERM" in text and "stopped at step" in text, text[-3000:]
   stopped = max(int(s) for s in os.listdir(out / "checkpoints") if s.isdigit())
   assert 2 <= stopped < steps, text[-3000:]

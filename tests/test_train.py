@@ -3,8 +3,6 @@ router-bias update, and both optimizers reducing the loss."""
 
 import json
 import os
-import signal
-import subprocess
 import sys
 
 import jax
@@ -13,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import DATA_CACHE
+from conftest import DATA_CACHE, signal_after
 from joyjax import model, optim
 from joyjax.config import load_config
 from joyjax.model.moe import route
@@ -88,18 +86,7 @@ def test_sigterm_saves_and_resume_is_exact(straight_run, tmp_path):
   env = dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION="highest", PYTHONPATH=ROOT)
   cmd = [sys.executable, "-m", "joyjax.train", "--config", os.path.join(ROOT, "configs/tiny.py"),
          *loop_overrides(tmp_path)]
-  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
-  lines = []
-  try:
-    for line in proc.stdout:
-      lines.append(line)
-      if line.startswith("step 2/6"):
-        proc.send_signal(signal.SIGTERM)
-    rc = proc.wait(timeout=600)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  text = "".join(lines)
+  rc, text = signal_after(cmd, env=env, cwd=ROOT, marker="step 2/6")
   assert rc == 0, text[-3000:]
   assert "received SIGTERM" in text and "stopped at step" in text, text[-3000:]
   stopped = max(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
