@@ -86,6 +86,26 @@ def _eval_rows(out_dir):
   return {r["step"]: r for r in _rows(out_dir) if "eval/loss" in r}
 
 
+def test_log_lines_carry_the_data_counters(run):
+  """Every line has the data iterator's counters (here nothing was skipped)."""
+  rows = _rows(run.out_dir)
+  assert rows and all(r["data/skipped_malformed"] == 0.0 for r in rows)
+
+
+@pytest.mark.slow  # the counter's presence: the test above; its counting: tests/test_data.py
+def test_skipped_malformed_rows_are_counted_in_the_log(tmp_path):
+  docs = [json.dumps({"text": f"def f{i}(x):\n    return x * {i} + {i * i}\n"}) for i in range(300)]
+  docs.insert(5, "{not json")
+  (tmp_path / "bad.jsonl").write_text("\n".join(docs) + "\n")
+  cfg = load_config(TINY, overrides(tmp_path / "run", f"--config.data.path={tmp_path / 'bad.jsonl'}",
+                                    "--config.data.skip_malformed=true", "--config.train.steps=2",
+                                    "--config.data.eval_fraction=0", "--config.train.eval_every=0",
+                                    "--config.data.shuffle=false"))
+  train(cfg, stream=io.StringIO())
+  rows = _rows(tmp_path / "run")
+  assert rows[-1]["data/skipped_malformed"] == 1.0, rows[-1]
+
+
 def test_eval_metrics_at_eval_every_and_at_the_end(run):
   rows = _eval_rows(run.out_dir)
   assert sorted(rows) == [3, 6, 7]

@@ -6,8 +6,8 @@
 
 * **log**: a step's metrics are read after the next step is dispatched (the device stays busy); every
   ``log_every`` steps (and at the last step, and at an evaluation) one line goes to ``MetricsWriter``
-  (metrics.jsonl, TensorBoard, the progress line) with the window's mean loss, tokens/s, MFU (``Throughput``)
-  and the expert load.
+  (metrics.jsonl, TensorBoard, the progress line) with the window's mean loss, tokens/s, MFU (``Throughput``),
+  the expert load and the data iterator's counters (``data/skipped_malformed``, truncated / overlong examples).
 * **evaluate**: every ``Evaluator.every`` steps and at the end of the run, the objective's jitted
   ``eval_step(state, batch) -> sums`` over the same fixed batches, summarised (``eval/...``) into that step's line.
 * **save**: every ``checkpoint_every`` steps, with the iterator's state; and whatever stops the loop (the end, a
@@ -101,6 +101,13 @@ def expert_load_metrics(m: dict) -> dict[str, float]:
   """``expert_load/...`` statistics of the step's per-expert token counts (none without MoE layers)."""
   counts = np.asarray(m["expert_counts"]) if "expert_counts" in m else np.zeros((0,))
   return {f"expert_load/{k}": v for k, v in expert_load_stats(counts).items()} if counts.size else {}
+
+
+def data_metrics(data) -> dict[str, float]:
+  """The data iterator's counters so far (``data/...``: malformed rows skipped, examples truncated or skipped as
+  overlong), read from this process's iterator; none for an iterator without ``metrics()``."""
+  counts = data.metrics() if hasattr(data, "metrics") else {}
+  return {name: float(v) for name, v in counts.items()}
 
 
 def restore_latest(checkpointer, data, abstract_state):
@@ -243,7 +250,8 @@ class Harness:
     p = Progress(start=start, step=start, end=end, total=self.total,
                  last_saved=start if self.checkpointer.latest_step() == start else None)
     log_ = StepLog(self.writer, self.throughput, p, log_every=self.log_every, max_nonfinite=self.max_nonfinite,
-                   where=str(self.checkpointer.directory))
+                   where=str(self.checkpointer.directory),
+                   at_log_line=lambda m: {**expert_load_metrics(m), **data_metrics(self.data)})
     first = self._compile_and_meet(state, p)
     with Signals() as sig:
       try:
