@@ -5,9 +5,9 @@ row, told apart by ``sequence_ids`` (global index 1..N in the batch, 0 = padding
 sequence (``segment_ids``) and positions restart per sequence, so a sequence's logits do not depend on what else
 shares its row. ``sequence_logps`` sums log p(target) over each sequence's loss tokens (its response) with a
 segment sum into N slots: the same numbers as one forward pass per sequence. The per-token log-probs are computed
-in chunks of ``train.loss_chunk`` tokens under ``jax.checkpoint`` (one chunk's [chunk, vocab] float32 logits at
-a time, forward and backward), as ``losses.lm.chunked_cross_entropy`` does: a 129K vocabulary never
-materialises as [batch, seq, vocab].
+in chunks of ``train.loss_chunk`` tokens under ``jax.checkpoint`` (``losses.lm.chunked_token_logps``: one chunk's
+[chunk, vocab] float32 logits at a time, forward and backward): a 129K vocabulary never materialises as
+[batch, seq, vocab].
 
 **Losses** (the definitions of Hugging Face TRL's ``DPOTrainer.dpo_loss``, trl/trainer/dpo_trainer.py). With
 pi = the policy's and ref = the reference's sequence log-probs and h = (pi_c - pi_r) - (ref_c - ref_r):
@@ -34,33 +34,10 @@ import jax.numpy as jnp
 from joyjax import model
 from joyjax.config import DPO_LOSS_TYPES
 from joyjax.batch import dpo_pairs_per_batch
-from joyjax.losses.lm import token_chunks
+from joyjax.losses.lm import chunked_token_logps
 
 DPO_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin",
                "logps/chosen", "logps/rejected")
-
-
-def chunked_token_logps(hidden, head_w, targets, live, *, chunk: int):
-  """log p(target) of every token, float32 [b, s], computed ``chunk`` tokens at a time.
-
-  hidden: [b, s, e] (compute dtype); head_w: [e, vocab]; targets: [b, s] int; live: [b, s] bool. Tokens that
-  are not live are exactly 0, and their hidden is zeroed before the head (so a non-finite value there cannot
-  reach the gradient of ``head_w``; live tokens are untouched), as in ``losses.lm.chunked_cross_entropy``.
-  """
-  b, s, _ = hidden.shape
-  h, t, m = token_chunks(hidden, targets, live, chunk)
-  head_w = head_w.astype(hidden.dtype)
-
-  @jax.checkpoint
-  def one(hc, tc, mc):
-    hc = jnp.where(mc[:, None], hc, jnp.zeros((), hc.dtype))
-    logits = jnp.einsum("ne,ev->nv", hc, head_w, preferred_element_type=jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    tgt = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
-    return jnp.where(mc, tgt - lse, 0.0)
-
-  _, out = jax.lax.scan(lambda carry, xs: (carry, one(*xs)), None, (h, t, m))
-  return out.reshape(-1)[:b * s].reshape(b, s)
 
 
 def num_sequences(cfg) -> int:

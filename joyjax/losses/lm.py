@@ -36,6 +36,42 @@ def token_chunks(hidden, targets, weights, chunk: int):
   return h.reshape(nc, chunk, e), t.reshape(nc, chunk), w.reshape(nc, chunk)
 
 
+def chunked_token_logps(hidden, head_w, targets, live, *, chunk: int, temperature: float = 1.0,
+                        entropy: bool = False):
+  """log p(target) of every token, float32 [b, s], computed ``chunk`` tokens at a time under ``jax.checkpoint``
+  (one chunk's [chunk, vocab] float32 logits at a time, forward and backward), at ``temperature``
+  (``log_softmax(logits / temperature)``). With ``entropy``: (log-probs, each token's entropy), the entropy
+  without gradient (a metric).
+
+  hidden: [b, s, e] (compute dtype); head_w: [e, vocab]; targets: [b, s] int; live: [b, s] bool. Tokens that
+  are not live are exactly 0, and their hidden is zeroed before the head (so a non-finite value there cannot
+  reach the gradient of ``head_w``; live tokens are untouched), as in ``chunked_cross_entropy``.
+  """
+  b, s, _ = hidden.shape
+  h, t, m = token_chunks(hidden, targets, live, chunk)
+  head_w = head_w.astype(hidden.dtype)
+  scale = None if temperature == 1.0 else 1.0 / float(temperature)
+
+  @jax.checkpoint
+  def one(hc, tc, mc):
+    hc = jnp.where(mc[:, None], hc, jnp.zeros((), hc.dtype))
+    logits = jnp.einsum("ne,ev->nv", hc, head_w, preferred_element_type=jnp.float32)
+    if scale is not None:
+      logits = logits * scale
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    tgt = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
+    lp = jnp.where(mc, tgt - lse, 0.0)
+    if not entropy:
+      return (lp,)
+    sg = jax.lax.stop_gradient(logits)
+    ent = jax.lax.stop_gradient(lse) - jnp.sum(jax.nn.softmax(sg, axis=-1) * sg, axis=-1)
+    return lp, jnp.where(mc, ent, 0.0)
+
+  _, outs = jax.lax.scan(lambda carry, xs: (carry, one(*xs)), None, (h, t, m))
+  outs = tuple(o.reshape(-1)[:b * s].reshape(b, s) for o in outs)
+  return outs if entropy else outs[0]
+
+
 def chunked_cross_entropy(hidden, head_w, targets, weights, *, chunk: int):
   """Sums over tokens of cross-entropy, log(Z)^2 and correct top-1 predictions, weighted by ``weights``.
 
