@@ -160,6 +160,21 @@ def _open_data(cfg, objective: Objective):
   return tokenizer, data, eval_data
 
 
+def _jitted_runtime(cfg, objective: Objective, tx, total: int, rt: Runtime):
+  """(step, evaluator or None) of an objective with one jitted step: ``make_step`` jitted with the state and batch
+  shardings (the state donated), and ``make_eval``'s step over the eval data, if any."""
+  step = jax.jit(objective.make_step(cfg, tx, total), in_shardings=(rt.state_shardings, rt.batch_sharding),
+                 out_shardings=(rt.state_shardings, None), donate_argnums=(0,))
+  if rt.eval_data is None:
+    return step, None
+  t = cfg.train
+  eval_step, summarize = objective.make_eval(cfg)
+  evaluator = harness.Evaluator(
+      step=jax.jit(eval_step, in_shardings=(rt.state_shardings, rt.batch_sharding), out_shardings=None),
+      dataset=rt.eval_data, num_batches=int(t.eval_batches), every=int(t.eval_every), summarize=summarize)
+  return step, evaluator
+
+
 def _train(cfg, objective: Objective, *, stop_after, stream, print_sample: bool, show_config: bool) -> RunResult:
   t_start = time.time()
   t = cfg.train
@@ -215,18 +230,13 @@ def _train(cfg, objective: Objective, *, stop_after, stream, print_sample: bool,
 
     if primary:
       checkpoint.save_tokenizer(t.output_dir, tokenizer)
-    evaluator = None
-    if objective.make_runtime is not None:
-      step_fn, evaluator = objective.make_runtime(cfg, tx, total, Runtime(tokenizer, data, eval_data, mesh, state_sh,
-                                                                           batch_sh))
-    else:
-      step_fn = jax.jit(objective.make_step(cfg, tx, total), in_shardings=(state_sh, batch_sh),
-                        out_shardings=(state_sh, None), donate_argnums=(0,))
-    if eval_data is not None and objective.make_runtime is None:
-      eval_step, summarize = objective.make_eval(cfg)
-      evaluator = harness.Evaluator(
-          step=jax.jit(eval_step, in_shardings=(state_sh, batch_sh), out_shardings=None),
-          dataset=eval_data, num_batches=int(t.eval_batches), every=int(t.eval_every), summarize=summarize)
+    rt = Runtime(tokenizer, data, eval_data, mesh, state_sh, batch_sh)
+    if objective.make_runtime is None:
+      step_fn, evaluator = _jitted_runtime(cfg, objective, tx, total, rt)
+      to_device = harness.global_batch
+    else:  # the step moves its batches itself
+      step_fn, evaluator = objective.make_runtime(cfg, tx, total, rt)
+      to_device = harness.local_batch
     bsz, seq = objective.step_shape(cfg)
     throughput = Throughput(bsz * seq, devices=jax.device_count(), flops_per_token=flops.flops_per_token(cfg, seq),
                             peak_flops=flops.peak_flops_per_device(jax.devices()[0].device_kind, cfg.model.dtype,
@@ -235,8 +245,7 @@ def _train(cfg, objective: Objective, *, stop_after, stream, print_sample: bool,
     loop = harness.Harness(step=step_fn, data=data, checkpointer=ckpt, batch_sharding=batch_sh, writer=writer,
                            throughput=throughput, total_steps=total, log_every=t.log_every,
                            checkpoint_every=cfg.checkpoint.every, max_nonfinite=t.max_nonfinite,
-                           evaluator=evaluator, config=cfg.to_dict(),
-                           to_device=harness.global_batch if objective.make_runtime is None else harness.local_batch)
+                           evaluator=evaluator, config=cfg.to_dict(), to_device=to_device)
     start = int(jax.device_get(state["step"]))
     say(f"training steps {start}..{total} ({bsz} x {seq} tokens per step) -> {t.output_dir}")
     state, progress = loop.run(state, stop_after=stop_after)
