@@ -146,6 +146,11 @@ class Progress:
     return self.step >= self.total
 
 
+def eval_due(progress: "Progress", every: int) -> bool:
+  """An evaluation is due every ``every`` steps (0 = never) and at the run's last step."""
+  return progress.step == progress.total or (every > 0 and progress.step % every == 0)
+
+
 @dataclasses.dataclass
 class Evaluator:
   """An objective's evaluation: its jitted ``step(state, batch) -> {name: sum}`` over ``num_batches`` batches
@@ -160,7 +165,7 @@ class Evaluator:
   prefix: str = "eval/"
 
   def due(self, progress: Progress) -> bool:
-    return progress.step == progress.total or (self.every > 0 and progress.step % self.every == 0)
+    return eval_due(progress, self.every)
 
   def batches(self, sharding):
     it = iter(self.dataset)

@@ -35,7 +35,7 @@ from joyjax.parallel import rules
 from joyjax.rl import envs
 from joyjax.rl.prompts import PromptStream
 from joyjax.rl.sampler import Sampler
-from joyjax.train import dpo, state as state_lib
+from joyjax.train import dpo, harness, state as state_lib
 from joyjax.train.step import apply_gradients
 
 
@@ -150,8 +150,9 @@ def make_rl_update(cfg, tx: optax.GradientTransformation, num_domains: int = 1):
 # ------------------------------------------------------------------------------------------- host side
 
 
-def _gather(x) -> np.ndarray:
-  """A global array as numpy on every process."""
+def _all_rows(x) -> np.ndarray:
+  """Every process's rows, in process order, as numpy on every process: of a global array, or of this process's
+  numpy rows of a global batch."""
   if jax.process_count() == 1:
     return np.asarray(jax.device_get(x))
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
@@ -197,10 +198,10 @@ class Rollouts:
     roll = self.sampler(params, toks, lens, key, temperature=temperature, top_p=float(self.rl.top_p),
                         top_k=int(self.rl.top_k), stop_ids=self.stop_ids)
     keep = np.concatenate([np.ones(rows, bool), np.zeros(pad, bool)])
-    roll = {name: _gather(getattr(roll, name)) for name in ("tokens", "positions", "segment_ids", "response_mask",
+    roll = {name: _all_rows(getattr(roll, name)) for name in ("tokens", "positions", "segment_ids", "response_mask",
                                                             "logprobs", "lengths", "stopped")}
-    keep = _gather_local(keep)
-    return {k: v[keep] for k, v in roll.items()}, _gather_local(index)
+    keep = _all_rows(keep)
+    return {k: v[keep] for k, v in roll.items()}, _all_rows(index)
 
   def score(self, roll: dict, index: np.ndarray):
     """(rewards [rows], correct [rows], format [rows]) of each row's decoded response."""
@@ -215,13 +216,6 @@ class Rollouts:
       correct.append(info["correct"])
       fmt.append(info["format"])
     return (np.asarray(rewards, np.float32), np.asarray(correct, np.float32), np.asarray(fmt, np.float32))
-
-
-def _gather_local(x: np.ndarray) -> np.ndarray:
-  """This process's rows of a global batch -> all rows, in process order, on every process."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True))
 
 
 def rollout_metrics(roll: dict, rewards, correct, fmt, prefix: str = "") -> dict[str, float]:
@@ -294,7 +288,7 @@ class RLEvaluator:
     self.rollouts, self.every, self.seed = rollouts, int(every), int(seed)
 
   def due(self, progress) -> bool:
-    return progress.step == progress.total or (self.every > 0 and progress.step % self.every == 0)
+    return harness.eval_due(progress, self.every)
 
   def compile(self, state, sharding) -> None:
     del state, sharding  # the sampler compiles on first use
@@ -305,20 +299,20 @@ class RLEvaluator:
 
 def evaluate(rollouts: Rollouts, params, seed: int, prefix: str = "eval/") -> dict[str, float]:
   """Mean reward, pass rate, format rate and length over the stream's held-out prompts (one answer each)."""
-  rl = rollouts.rl
-  temp = float(rl.eval_temperature)
-  parts = []
+  temp = float(rollouts.rl.eval_temperature)
+  rolls, scores = [], []
   for i, batch in enumerate(rollouts.stream.held_out()):
     key = jax.random.fold_in(jax.random.key(seed), 1_000_003 + i)
     roll, index = rollouts.sample(params, batch, key, repeats=1, temperature=temp)
-    valid = _gather_local(np.asarray(batch["valid"])).astype(bool)
-    rewards, correct, fmt = rollouts.score(roll, index)
-    parts.append((roll, rewards, correct, fmt, valid))
-  if not parts:
+    valid = _all_rows(batch["valid"]).astype(bool)  # the last batch is padded with repeats
+    roll = {k: v[valid] for k, v in roll.items()}
+    rolls.append(roll)
+    scores.append(rollouts.score(roll, index[valid]))
+  if not rolls:
     return {}
-  cat = lambda j: np.concatenate([p[j][p[4]] for p in parts])  # noqa: E731
-  roll = {k: np.concatenate([p[0][k][p[4]] for p in parts]) for k in ("lengths", "stopped")}
-  return rollout_metrics(roll, cat(1), cat(2), cat(3), prefix=prefix)
+  roll = {k: np.concatenate([r[k] for r in rolls]) for k in ("lengths", "stopped")}
+  rewards, correct, fmt = (np.concatenate(parts) for parts in zip(*scores))
+  return rollout_metrics(roll, rewards, correct, fmt, prefix=prefix)
 
 
 # ------------------------------------------------------------------------------------------- the objective
