@@ -18,7 +18,7 @@ LAYERS = (
     ("config",),                           # the schema and its validation
     ("kernels",),                          # MoE compute: knows nothing of the model
     ("model",),                            # the pure-functional model, its parameter layout, expert parallelism
-    ("losses", "optim", "data"),           # objectives, optimizers, input pipelines
+    ("losses", "optim", "data", "quant"),  # objectives, optimizers, input pipelines, quantization formats / QAT
     ("parallel", "convert"),               # meshes / shardings / memory plan; checkpoint conversion
     ("rl",),                               # the RL sampler, tasks and rewards, the prompt stream
     ("train",),                            # state, steps, the harness, checkpoints, metrics, sampling

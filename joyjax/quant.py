@@ -1,0 +1,138 @@
+"""Weight quantization formats and quantization-aware training (QAT) by fake quantization.
+
+Formats (the ones JoyAI-LLM Flash and DeepSeek-V3 ship):
+* INT4: symmetric, group-wise along a weight's input dimension: each run of ``group_size`` consecutive input
+  elements shares one float32 scale = max|w| / 7; values round to [-8, 7]. ``pack_int4`` stores two per byte.
+* FP8: float8_e4m3fn with one float32 ``scale_inv`` = amax / 448 per 128x128 block of the 2D (input, output)
+  matrix (ragged edge blocks allowed), the layout of DeepSeek-V3's ``weight_scale_inv``.
+
+QAT: the train state keeps float32 master weights; the loss sees ``fake_quantize(w)`` = dequantize(quantize(w))
+with a straight-through gradient (``w + stop_gradient(q(w) - w)``: the gradient w.r.t. the master weight is the
+gradient w.r.t. the quantized weight), so the model learns weights that survive quantization.
+
+Why not Google's qwix: qwix (0.1.x) quantizes by intercepting ops inside Flax modules (linen ``nn.Dense`` /
+``einsum`` and jax ops via ``QtProvider``/interception while a module is applied) or by rewriting an nnx model's
+modules. joyjax applies its weights as pure arrays (``param[...]`` into einsums, grouped matmuls through our own
+kernels and custom VJPs, expert parallelism inside shard_map), and QAT here only needs one pure function over
+the params dict, chosen per leaf from the model's own parameter metadata. Fake-quantizing the weights before the
+forward pass gives exactly what interception would for weight-only quantization, without routing the MoE kernels
+through qwix's interception or adding a dependency. The formats themselves are ~100 lines of jnp, owned here and
+shared with the exporter (``convert/``), so training and export quantize bit-for-bit the same way.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+INT4_MIN, INT4_MAX = -8, 7
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_BLOCK_SHAPE = (128, 128)
+
+
+# ------------------------------------------------------------------------------------------------ INT4
+
+
+def _grouped(w: jax.Array, group_size: int, axis: int) -> tuple[jax.Array, int]:
+  """``w`` with ``axis`` split into [groups, group_size] (group axis at ``axis``, members at ``axis + 1``)."""
+  axis = axis % w.ndim
+  n = w.shape[axis]
+  if group_size <= 0 or n % group_size:
+    raise ValueError(f"int4: axis {axis} has length {n}, which group_size {group_size} does not divide")
+  return w.reshape(w.shape[:axis] + (n // group_size, group_size) + w.shape[axis + 1:]), axis
+
+
+def int4_quantize(w: jax.Array, group_size: int, axis: int) -> tuple[jax.Array, jax.Array]:
+  """Symmetric group-wise INT4 of ``w`` along ``axis`` (the input dimension).
+
+  Returns (q int8 in [-8, 7], same shape as w; scale float32, w's shape with ``axis`` of length
+  ``w.shape[axis] // group_size``) with w ~= q * scale. scale = max|w| over each group / 7; an all-zero group gets
+  scale 1 (its q is 0). Raises ValueError when group_size does not divide the axis."""
+  g, ax = _grouped(jnp.asarray(w, jnp.float32), group_size, axis)
+  amax = jnp.max(jnp.abs(g), axis=ax + 1, keepdims=True)
+  scale = jnp.where(amax > 0, amax / INT4_MAX, 1.0)
+  q = jnp.clip(jnp.round(g / scale), INT4_MIN, INT4_MAX).astype(jnp.int8)
+  return q.reshape(w.shape), jnp.squeeze(scale, ax + 1)
+
+
+def int4_dequantize(q: jax.Array, scale: jax.Array, group_size: int, axis: int) -> jax.Array:
+  """q * scale (each scale repeated over its ``group_size`` elements along ``axis``) as float32."""
+  g, ax = _grouped(jnp.asarray(q, jnp.float32), group_size, axis)
+  return (g * jnp.expand_dims(jnp.asarray(scale, jnp.float32), ax + 1)).reshape(q.shape)
+
+
+def pack_int4(q: jax.Array, axis: int = -1) -> jax.Array:
+  """Two INT4 values per uint8 along ``axis`` (even length): element 2i in the low nibble, 2i+1 in the high."""
+  q = jnp.moveaxis(jnp.asarray(q), axis, -1)
+  if q.shape[-1] % 2:
+    raise ValueError(f"pack_int4: axis {axis} has odd length {q.shape[-1]}")
+  nib = (q.astype(jnp.int32) & 0xF).reshape(q.shape[:-1] + (q.shape[-1] // 2, 2))
+  packed = (nib[..., 0] | (nib[..., 1] << 4)).astype(jnp.uint8)
+  return jnp.moveaxis(packed, -1, axis)
+
+
+def unpack_int4(packed: jax.Array, axis: int = -1) -> jax.Array:
+  """Inverse of ``pack_int4``: int8 values in [-8, 7], ``axis`` twice as long."""
+  p = jnp.moveaxis(jnp.asarray(packed), axis, -1).astype(jnp.int32)
+  nib = jnp.stack([p & 0xF, (p >> 4) & 0xF], axis=-1)
+  vals = ((nib ^ 8) - 8).astype(jnp.int8)  # sign-extend 4 bits
+  return jnp.moveaxis(vals.reshape(p.shape[:-1] + (p.shape[-1] * 2,)), -1, axis)
+
+
+# ------------------------------------------------------------------------------------------------- FP8
+
+
+def _blocks(rows: int, cols: int, block) -> tuple[int, int]:
+  return -(-rows // block[0]), -(-cols // block[1])
+
+
+def _expand_blocks(s: jax.Array, rows: int, cols: int, block) -> jax.Array:
+  """Per-block values [..., R, C] repeated to [..., rows, cols] (edge blocks cut)."""
+  s = jnp.repeat(jnp.repeat(s, block[0], axis=-2), block[1], axis=-1)
+  return s[..., :rows, :cols]
+
+
+def fp8_block_quantize(w2d: jax.Array, block=FP8_BLOCK_SHAPE) -> tuple[jax.Array, jax.Array]:
+  """Block-scaled FP8 of a matrix [..., rows, cols] (leading axes = a stack of matrices).
+
+  Returns (w_fp8 float8_e4m3fn [..., rows, cols], scale_inv float32 [..., ceil(rows/b0), ceil(cols/b1)]) with
+  w ~= w_fp8 * scale_inv per block; scale_inv = amax of the block / 448 (1 for an all-zero block). Edge blocks
+  may be ragged, as in DeepSeek-V3's checkpoints."""
+  w = jnp.asarray(w2d, jnp.float32)
+  rows, cols = w.shape[-2:]
+  nr, nc = _blocks(rows, cols, block)
+  pad = [(0, 0)] * (w.ndim - 2) + [(0, nr * block[0] - rows), (0, nc * block[1] - cols)]
+  wp = jnp.pad(w, pad).reshape(w.shape[:-2] + (nr, block[0], nc, block[1]))
+  amax = jnp.max(jnp.abs(wp), axis=(-3, -1))
+  scale_inv = jnp.where(amax > 0, amax / FP8_MAX, 1.0)
+  scaled = w / _expand_blocks(scale_inv, rows, cols, block)
+  return jnp.clip(scaled, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn), scale_inv
+
+
+def fp8_block_dequantize(w_fp8: jax.Array, scale_inv: jax.Array, block=FP8_BLOCK_SHAPE) -> jax.Array:
+  """w_fp8 * scale_inv (each per-block scale over its block) as float32 [..., rows, cols]."""
+  rows, cols = w_fp8.shape[-2:]
+  return w_fp8.astype(jnp.float32) * _expand_blocks(jnp.asarray(scale_inv, jnp.float32), rows, cols, block)
+
+
+# ------------------------------------------------------------------------------------- fake quantization
+
+
+def quantize_dequantize(w: jax.Array, fmt: str, group_size: int, axis: int) -> jax.Array:
+  """dequantize(quantize(w)) as float32, no gradient trick. ``fmt`` 'int4': groups of ``group_size`` along
+  ``axis``; 'fp8': 128x128 blocks over the matrix formed by the last two axes, ``axis`` (the input) being one of
+  them (leading axes are a stack of matrices; ``group_size`` is ignored)."""
+  if fmt == "int4":
+    return int4_dequantize(*int4_quantize(w, group_size, axis), group_size, axis)
+  if fmt == "fp8":
+    if w.ndim < 2 or axis % w.ndim < w.ndim - 2:
+      raise ValueError(f"fp8: the input axis {axis} must be one of the last two axes of a shape {w.shape} weight")
+    return fp8_block_dequantize(*fp8_block_quantize(w))
+  raise ValueError(f"unknown quantization format {fmt!r}: expected 'int4' or 'fp8'")
+
+
+def fake_quantize(w: jax.Array, fmt: str, group_size: int, axis: int) -> jax.Array:
+  """``quantize_dequantize(w)`` in w's dtype with a straight-through (identity) gradient:
+  ``w + stop_gradient(q(w) - w)``. The forward sees the quantized weight; d/dw is the identity."""
+  dq = quantize_dequantize(w, fmt, group_size, axis).astype(w.dtype)
+  return w + jax.lax.stop_gradient(dq - w)
