@@ -188,7 +188,10 @@ def get_config() -> ml_collections.ConfigDict:
   tr.grad_accum = 1                # micro-batches per step (batch_size must divide)
   tr.seed = 0
   tr.z_loss = 0.0                  # weight of log(Z)^2
-  tr.mtp_loss_weight = 0.3         # weight of the MTP cross-entropy
+  # Weight of the MTP cross-entropy (mean over MTP depths). Set per recipe stage: 0 turns MTP off for the stage
+  # (not run; its weights frozen, so they pass to the next stage unchanged: no weight decay); the JoyAI report
+  # turns it on from mid-training at 0.1. DPO and RL never train it (frozen whatever this says).
+  tr.mtp_loss_weight = 0.3
   tr.balance_loss_alpha = 0.0      # sequence-wise balance loss weight (0 disables)
   tr.router_bias_rate = 1e-3       # aux-loss-free bias update rate gamma (0 disables)
   tr.loss_chunk = 1024             # tokens per chunk of the cross-entropy (full logits never materialise)

@@ -4,13 +4,15 @@ Public API
 ----------
 ``make_schedule(optim_cfg, total_steps, peak=None) -> optax.Schedule``
     ``constant`` | ``cosine`` | ``wsd`` with a linear warmup, scaled to ``peak`` (default ``optim.lr``).
-``param_labels(cfg, params) -> tree of str``
+``param_labels(cfg, params, train_mtp=None) -> tree of str``
     'muon' | 'adam' | 'adam_no_decay' | 'lora' | 'frozen' per leaf (the rule is below).
 ``muon_dimension_numbers(cfg, params) -> tree of MuonDimensionNumbers | None``
     Which axes of each 'muon' leaf are batch / reduction (input) / output axes (None for other leaves).
 ``weight_decay_mask(cfg, params) -> tree of bool``
     Where decoupled weight decay applies (matrices, except the token embedding table).
-``make_optimizer(cfg, params_or_abstract=None, total_steps=None) -> optax.GradientTransformation``
+``make_optimizer(cfg, params_or_abstract=None, total_steps=None, train_mtp=None) -> optax.GradientTransformation``
+``mtp_trained(cfg) -> bool``
+    Whether the LM loss trains the MTP modules (``train_mtp``'s default): modules exist and the weight is > 0.
 ``learning_rates(cfg, step, total_steps=None) -> dict``
     Current learning rates for logging: {'lr'} under adamw, {'lr', 'adam_lr'} under muon.
 
@@ -19,6 +21,10 @@ Labelling rule (from ``model.param_info``: what each layer declared when it crea
 1. The router's selection bias (``frozen``) -> 'frozen': not a gradient parameter (the trainer moves it from
    expert loads); the optimizer returns a zero update for it and keeps no state for it. With LoRA on
    (``model.lora.rank`` > 0) every other non-adapter parameter is not ``trainable`` either -> 'frozen' too.
+   So is every leaf of the MTP modules in a run that does not train them (``train_mtp`` False: the objective
+   has no MTP loss, as DPO and RL, or ``train.mtp_loss_weight`` is 0): a recipe stage with MTP off keeps the
+   module exactly as it was (no weight decay eroding it, no optimizer state for it), and a later stage with MTP
+   on continues from it (the report turns MTP on from mid-training).
 1b. A LoRA adapter (``adapter`` 'a' or 'b') -> 'lora': AdamW (the common LoRA recipe; its A and B are
    declared with their Muon input axes but not orthogonalised), at ``optim.lr`` under adamw and at the AdamW
    part's ``optim.adam_lr`` under muon, decoupled weight decay as for other matrices.
@@ -163,8 +169,18 @@ def _leaf_info(cfg, params):
   return info, treedef
 
 
-def _label(path, info) -> str:
-  if info.frozen or not info.trainable:
+def mtp_trained(cfg) -> bool:
+  """Whether the LM loss (pretraining, SFT) trains the MTP modules: they exist and ``train.mtp_loss_weight`` > 0."""
+  return cfg.model.mtp.num_layers > 0 and cfg.train.mtp_loss_weight > 0
+
+
+def _frozen_parts(cfg, train_mtp) -> tuple[str, ...]:
+  """Top-level params parts frozen in this run: the MTP modules when the run does not train them."""
+  return () if (mtp_trained(cfg) if train_mtp is None else train_mtp) else (model.MTP_STACK,)
+
+
+def _label(path, info, frozen_parts=()) -> str:
+  if info.frozen or not info.trainable or path_names(path)[0] in frozen_parts:
     return "frozen"
   if info.adapter is not None:
     return LORA_LABEL
@@ -175,10 +191,12 @@ def _label(path, info) -> str:
   return "muon"
 
 
-def param_labels(cfg, params) -> Any:
-  """The optimizer label of every leaf of ``params`` (arrays or ShapeDtypeStructs); see the module doc."""
+def param_labels(cfg, params, train_mtp: bool | None = None) -> Any:
+  """The optimizer label of every leaf of ``params`` (arrays or ShapeDtypeStructs); see the module doc.
+  ``train_mtp``: whether this run trains the MTP modules (None = ``mtp_trained(cfg)``); False freezes them."""
   info, treedef = _leaf_info(cfg, params)
-  return jax.tree_util.tree_unflatten(treedef, [_label(p, a) for p, _, a in info])
+  frozen = _frozen_parts(cfg, train_mtp)
+  return jax.tree_util.tree_unflatten(treedef, [_label(p, a, frozen) for p, _, a in info])
 
 
 def _dim_numbers(path, info) -> MuonDimensionNumbers:
@@ -200,12 +218,13 @@ def muon_dimension_numbers(cfg, params) -> Any:
       treedef, [_dim_numbers(p, a) if _label(p, a) == "muon" else None for p, _, a in info])
 
 
-def weight_decay_mask(cfg, params) -> Any:
+def weight_decay_mask(cfg, params, train_mtp: bool | None = None) -> Any:
   """True where decoupled weight decay applies: 'muon' and 'adam' leaves except the embedding table."""
   info, treedef = _leaf_info(cfg, params)
+  frozen = _frozen_parts(cfg, train_mtp)
 
   def decays(path, info):
-    return _label(path, info) in ("muon", "adam", LORA_LABEL) and info.decay
+    return _label(path, info, frozen) in ("muon", "adam", LORA_LABEL) and info.decay
 
   return jax.tree_util.tree_unflatten(treedef, [decays(p, a) for p, _, a in info])
 
@@ -299,18 +318,20 @@ def clip_by_global_norm_masked(max_norm: float, mask) -> optax.GradientTransform
   return optax.masked(optax.clip_by_global_norm(max_norm), mask)
 
 
-def make_optimizer(cfg, params_or_abstract=None, total_steps: int | None = None) -> optax.GradientTransformation:
+def make_optimizer(cfg, params_or_abstract=None, total_steps: int | None = None,
+                   train_mtp: bool | None = None) -> optax.GradientTransformation:
   """The optax transformation of ``cfg.optim`` for params shaped like ``params_or_abstract``.
 
   ``params_or_abstract``: the params tree, or its ShapeDtypeStructs (only paths and ranks are read);
-  None = ``model.abstract_params(cfg)``. ``total_steps`` defaults to ``cfg.train.steps``.
+  None = ``model.abstract_params(cfg)``. ``total_steps`` defaults to ``cfg.train.steps``. ``train_mtp``: whether
+  the run's loss trains the MTP modules (None = ``mtp_trained(cfg)``); when not, they are frozen (rule 1).
   The state holds only arrays (orbax-saveable); build it with ``jax.eval_shape(tx.init, abstract)``.
   """
   o = cfg.optim
   params = model.abstract_params(cfg) if params_or_abstract is None else params_or_abstract
   total = _total_steps(cfg, total_steps)
-  labels = param_labels(cfg, params)
-  decay = weight_decay_mask(cfg, params)
+  labels = param_labels(cfg, params, train_mtp)
+  decay = weight_decay_mask(cfg, params, train_mtp)
   trainable = jax.tree.map(lambda l: l != "frozen", labels)
 
   if o.name == "adamw":

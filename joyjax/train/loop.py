@@ -61,7 +61,9 @@ class Objective:
   step_shape(cfg) -> (sequences, tokens per sequence) of one step, for tokens/s and MFU;
   make_runtime: None, or (cfg, tx, total, Runtime) -> (step, evaluator or None) for an objective whose step is
     not one jitted function (RL: sample on device, score on the host, update on device); its batches reach the
-    step as this process's numpy rows.
+    step as this process's numpy rows;
+  trains_mtp(cfg) -> bool: whether its loss trains the MTP modules; when not, the optimizer freezes them
+    (``optim`` rule 1), so a stage without MTP hands the module on unchanged.
   """
   name: str
   open_data: Callable
@@ -72,6 +74,7 @@ class Objective:
   optimizer_steps: Callable = lambda cfg: int(cfg.train.steps)
   step_shape: Callable = lambda cfg: (int(cfg.train.batch_size), int(cfg.data.seq_len))
   make_runtime: Callable | None = None
+  trains_mtp: Callable = optim.mtp_trained
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,12 +123,13 @@ PRETRAIN = Objective("train", _pretrain_data, make_train_step, _lm_eval, sample=
 SFT = Objective("sft", _sft_data, make_train_step, _lm_eval, sample=_chat_sample)
 # DPO: chosen and rejected in one forward; the state carries the reference (or it is precomputed once).
 DPO = Objective("dpo", dpo.open_dpo_objective_data, dpo.make_dpo_step, dpo.make_dpo_eval,
-                init_state=dpo.dpo_state_from_params, sample=_chat_sample)
+                init_state=dpo.dpo_state_from_params, sample=_chat_sample, trains_mtp=lambda cfg: False)
 
 
 # RL: each step samples a rollout batch with the policy, scores it on the host and makes several updates.
 RL = Objective("rl", rl.open_rl_data, None, None, init_state=rl.rl_state_from_params, sample=_chat_sample,
-               optimizer_steps=rl.optimizer_steps, step_shape=rl.step_shape, make_runtime=rl.make_rl_runtime)
+               optimizer_steps=rl.optimizer_steps, step_shape=rl.step_shape, make_runtime=rl.make_rl_runtime,
+               trains_mtp=lambda cfg: False)
 
 
 def train(cfg, *, stop_after: int | None = None, stream=None, print_sample: bool = True,
@@ -195,7 +199,8 @@ def _train(cfg, objective: Objective, *, stop_after, stream, print_sample: bool,
                      tokens_per_sec=0.0)
 
   mesh = make_mesh(cfg)
-  tx = optim.make_optimizer(cfg, model.abstract_params(cfg), objective.optimizer_steps(cfg))
+  tx = optim.make_optimizer(cfg, model.abstract_params(cfg), objective.optimizer_steps(cfg),
+                            train_mtp=objective.trains_mtp(cfg))
   init_state = lambda params: objective.init_state(cfg, tx, params)
   abstract = jax.eval_shape(lambda k: init_state(model.init(cfg, k)), jax.random.key(0))
   state_sh = rules.state_shardings(cfg, mesh, abstract)
