@@ -1,4 +1,4 @@
-"""The ``joyjax`` command: train, sft, dpo, rl, sample, params, convert, plan, summary.
+"""The ``joyjax`` command: train, sft, dpo, rl, sample, chat, params, convert, plan, summary.
 
 A user error (a config key, a data file, a checkpoint, a tokenizer, a conversion) ends the command with one
 line on stderr, ``joyjax <command>: <kind>: <message>``, and exit status 1; ``JOYJAX_DEBUG=1`` re-raises it
@@ -29,7 +29,7 @@ from joyjax.data.tokenizer import load_tokenizer
 from joyjax.errors import CheckpointError, ConfigError, JoyjaxError
 from joyjax.model import count_params, format_counts
 from joyjax.parallel import plan
-from joyjax.train import checkpoint, loop, sample
+from joyjax.train import chat, checkpoint, loop, sample
 
 DEBUG_ENV = "JOYJAX_DEBUG"
 BASE_CONFIG = "configs/base.py"
@@ -173,6 +173,28 @@ def cmd_sample(args, overrides):
                                       temperature=args.temperature, seed=args.seed))
 
 
+def cmd_chat(args, overrides):
+  decoding = chat.Decoding(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                           max_tokens=args.max_tokens, seed=args.seed)
+  session = chat.open_session(args.checkpoint, system=args.system, thinking=args.think, decoding=decoding)
+  if args.prompt is not None:
+    chat.say_reply(session, args.prompt, args.think, sys.stdout)
+  else:
+    chat.repl(session, stdin=sys.stdin, stdout=sys.stdout, stderr=sys.stderr, interactive=sys.stdin.isatty())
+
+
+def _at_least(low, kind):
+  def parse(text):
+    try:
+      v = kind(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if v < low:
+      raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+    return v
+  return parse
+
+
 def cmd_plan(args, overrides):
   plan.main(_config(args, overrides), args)
 
@@ -218,6 +240,24 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--max-tokens", type=int, default=64)
   s.add_argument("--temperature", type=float, default=0.0)
   s.add_argument("--seed", type=int, default=0)
+  ch = sub.add_parser("chat", help="chat with a checkpoint (chat format, thinking on or off, streamed replies)",
+                      description="chat with a checkpoint through the chat format: each input line is a user "
+                                  "turn; replies stream as they are generated. " + chat.REPL_HELP + ". Ctrl-C "
+                                  "stops a reply; Ctrl-D or end of input leaves.",
+                      epilog=f"{DEBUG_ENV}=1 shows the traceback of a user error.")
+  ch.add_argument("--checkpoint", required=True,
+                  help="a training output_dir (its latest checkpoint) or a params checkpoint from joyjax convert")
+  ch.add_argument("--system", default="", help="system prompt")
+  mode = ch.add_mutually_exclusive_group()
+  mode.add_argument("--think", dest="think", action="store_true", help="thinking mode by default")
+  mode.add_argument("--no-think", dest="think", action="store_false", help="non-thinking mode by default (default)")
+  ch.set_defaults(think=False)
+  ch.add_argument("--temperature", type=_at_least(0.0, float), default=0.0, help="0 = greedy (default)")
+  ch.add_argument("--top-p", type=_at_least(0.0, float), default=1.0, help="nucleus sampling; 1 = off")
+  ch.add_argument("--top-k", type=_at_least(0, int), default=0, help="0 = off")
+  ch.add_argument("--max-tokens", type=_at_least(1, int), default=512, help="most tokens per reply")
+  ch.add_argument("--seed", type=int, default=0)
+  ch.add_argument("--prompt", default=None, help="one-shot: answer this user turn, print the reply, exit")
   c = with_config("convert", "Hugging Face <-> joyjax checkpoints",
                   "joyjax convert --params ckpt/flash --config configs/joyai_flash.py --out hf/ "
                   "--config.model.num_layers=8", required=False)
@@ -234,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"train": cmd_train, "sft": cmd_sft, "dpo": cmd_dpo, "rl": cmd_rl, "params": cmd_params, "summary": cmd_summary, "convert": cmd_convert,
-            "sample": cmd_sample, "plan": cmd_plan}
+            "sample": cmd_sample, "chat": cmd_chat, "plan": cmd_plan}
 
 
 def error_line(command: str, err: JoyjaxError) -> str:
@@ -255,8 +295,8 @@ def main(argv=None):
   args = parser.parse_args(rest)
   if args.command == "convert" and not args.hf_dir and not (args.params and args.config):
     parser.error("convert: give --hf-dir DIR (import) or --params CKPT --config FILE (export)")
-  if overrides and args.command == "sample":
-    parser.error(f"sample takes the config stored in the checkpoint; {overrides[0]} does not apply")
+  if overrides and args.command in ("sample", "chat"):
+    parser.error(f"{args.command} takes the config stored in the checkpoint; {overrides[0]} does not apply")
   try:
     COMMANDS[args.command](args, overrides)
   except JoyjaxError as e:

@@ -4,8 +4,10 @@ arguments, so new weights do not recompile): plain continuations, chat replies, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from typing import Any
 
 import jax
 import numpy as np
@@ -90,29 +92,54 @@ def sample_chat(cfg, params, tokenizer, prompt: str, *, max_tokens: int, tempera
   return "\n".join(lines)
 
 
-def sample_from_checkpoint(run_dir, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0,
-                           seed: int = 0) -> str:
-  """Loads the latest checkpoint of a training run (its ``output_dir``, or its ``checkpoints/`` folder) with
-  the config stored in it, rebuilds the run's tokenizer, and samples a continuation of ``prompt``."""
-  run_dir = os.fspath(run_dir)
+@dataclasses.dataclass
+class LoadedCheckpoint:
+  """A model ready to generate: the config stored with it, its params, and its saved tokenizer (the path of
+  its ``tokenizer.json``, or None for an older run that did not save one)."""
+  cfg: Any
+  params: Any
+  tokenizer_path: str | None
+
+
+def load_checkpoint(path) -> LoadedCheckpoint:
+  """The model of a training run (its ``output_dir`` or its ``checkpoints/`` folder: the latest finished step
+  and the config stored in it) or of a params-only checkpoint with its ``joyjax_config.json`` (``joyjax convert
+  --hf-dir``'s output), with the tokenizer saved beside it. CheckpointError for anything else."""
+  path = os.fspath(path)
   sub = checkpoint.CHECKPOINTS_DIR
-  ckpt_root = run_dir[:-len("/" + sub)] if run_dir.rstrip("/").endswith(sub) else run_dir
-  if "://" not in run_dir and not os.path.isdir(os.path.join(ckpt_root or ".", sub)):
-    what = "does not exist" if not os.path.exists(run_dir) else "has no checkpoints/ folder"
-    raise CheckpointNotFoundError(f"{run_dir} {what}; give a training run's output_dir "
-                                             "(train.output_dir) or its checkpoints/ folder")
+  ckpt_root = path[:-len("/" + sub)] if path.rstrip("/").endswith(sub) else path
+  remote = "://" in path
+  if not remote and os.path.isdir(path) and not os.path.isdir(os.path.join(ckpt_root or ".", sub)):
+    stored = checkpoint.load_params_config(path)
+    if stored is not None:  # a params-only checkpoint
+      cfg = from_dict(stored)
+      params = checkpoint.load_params(path, model.abstract_params(cfg))
+      return LoadedCheckpoint(cfg, params, checkpoint.find_saved_tokenizer(path))
+  if not remote and not os.path.isdir(os.path.join(ckpt_root or ".", sub)):
+    what = "does not exist" if not os.path.exists(path) else "has no checkpoints/ folder"
+    raise CheckpointNotFoundError(f"{path} {what}; give a training run's output_dir (train.output_dir), its "
+                                  "checkpoints/ folder, or a params checkpoint written by joyjax convert")
   ckpt = checkpoint.Checkpointer(ckpt_root.rstrip("/") or ".", keep=0, async_save=False)
   step = ckpt.latest_step()
   if step is None:
     raise CheckpointNotFoundError(f"no finished checkpoint under {ckpt.directory}; train first "
                                              "(joyjax train --config ...) or pass the run's output_dir")
-  cfg_dict = json_config(ckpt, step)
-  cfg = from_dict(cfg_dict)
+  cfg = from_dict(json_config(ckpt, step))
   params = checkpoint.load_params(ckpt.step_dir(step), model.abstract_params(cfg))
   ckpt.close()
-  saved = checkpoint.find_saved_tokenizer(ckpt_root or ".")  # the run's own; rebuilt only for older runs
-  tokenizer = load_tokenizer(saved) if saved else build_tokenizer(cfg)
-  return sample_text(cfg, params, tokenizer, prompt, max_tokens=max_tokens, temperature=temperature, seed=seed)
+  return LoadedCheckpoint(cfg, params, checkpoint.find_saved_tokenizer(ckpt_root or "."))
+
+
+def sample_from_checkpoint(run_dir, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0,
+                           seed: int = 0) -> str:
+  """Loads the latest checkpoint of a training run (``load_checkpoint``) with the config stored in it and the
+  run's tokenizer (rebuilt from the config for an older run that did not save it), and samples a continuation of
+  ``prompt``."""
+  loaded = load_checkpoint(run_dir)
+  cfg = loaded.cfg
+  tokenizer = load_tokenizer(loaded.tokenizer_path) if loaded.tokenizer_path else build_tokenizer(cfg)
+  return sample_text(cfg, loaded.params, tokenizer, prompt, max_tokens=max_tokens, temperature=temperature,
+                     seed=seed)
 
 
 def json_config(ckpt, step: int) -> dict:
