@@ -30,20 +30,21 @@ class MLA(nnx.Module):
     self.dtype = dtype
     qk = self.nope + self.rope_dim
     if self.q_lora:
-      self.q_a = param(rngs, (h, self.q_lora), ("embed", "q_lora"), std=std, dtype=param_dtype, inputs=("embed",))
+      self.q_a = param(rngs, (h, self.q_lora), ("embed", "q_lora"), std=std, dtype=param_dtype, inputs=("embed",),
+                       group="attention")
       self.q_a_norm = RMSNorm(self.q_lora, cfg.rms_norm_eps, "q_lora", param_dtype=param_dtype)
       self.q_b = param(rngs, (self.q_lora, a.num_heads, qk), ("q_lora", "heads", "head_dim"), std=std,
-                       dtype=param_dtype, inputs=("q_lora",))
+                       dtype=param_dtype, inputs=("q_lora",), group="attention")
     else:
       self.q = param(rngs, (h, a.num_heads, qk), ("embed", "heads", "head_dim"), std=std, dtype=param_dtype,
-                     inputs=("embed",))
+                     inputs=("embed",), group="attention")
     self.kv_a = param(rngs, (h, self.kv_lora + self.rope_dim), ("embed", "kv_lora"), std=std, dtype=param_dtype,
-                      inputs=("embed",))
+                      inputs=("embed",), group="attention")
     self.kv_a_norm = RMSNorm(self.kv_lora, cfg.rms_norm_eps, "kv_lora", param_dtype=param_dtype)
     self.kv_b = param(rngs, (self.kv_lora, a.num_heads, self.nope + self.v_dim), ("kv_lora", "heads", "head_dim"),
-                      std=std, dtype=param_dtype, inputs=("kv_lora",))
+                      std=std, dtype=param_dtype, inputs=("kv_lora",), group="attention")
     self.o = param(rngs, (a.num_heads, self.v_dim, h), ("heads", "head_dim", "embed"), std=std, dtype=param_dtype,
-                   inputs=("heads", "head_dim"))
+                   inputs=("heads", "head_dim"), group="attention")
     lora = adapters.settings(cfg)
     if lora and lora.on("attention"):
       for name in ("q_a", "q_b", "kv_a", "kv_b", "o") if self.q_lora else ("q", "kv_a", "kv_b", "o"):
@@ -78,9 +79,9 @@ class MLA(nnx.Module):
 
   def __call__(self, x, positions, segment_ids, cache=None):
     """x: [b, s, embed]. Without a cache: causal attention within segments. With a cache (dict with
-    ``c`` [b, T, kv_lora], ``k_rope`` [b, T, rope], ``index`` scalar, ``start`` [b]): writes this chunk at ``index``
-    and attends to every cached slot <= its own and >= its row's ``start`` (the first valid slot of a
-    left-padded row; zeros from ``init_cache``). Returns (out [b, s, embed], new cache or None)."""
+    ``c`` [b, T, kv_lora], ``k_rope`` [b, T, rope], ``index`` [b] (or a scalar), ``start`` [b]): writes this chunk
+    at each row's ``index`` and attends to every cached slot <= its own and >= its row's ``start`` (the first valid
+    slot of a left-padded row; zeros from ``init_cache``). Returns (out [b, s, embed], new cache or None)."""
     q_nope, q_rope, c, k_rope = self._project(x, positions)
     if cache is None:
       return self._expanded(q_nope, q_rope, c, k_rope, segment_ids), None
@@ -110,21 +111,28 @@ class MLA(nnx.Module):
     return self._lora("o", out, jnp.einsum("bqhd,hde->bqe", out, self._w(self.o)))
 
   def _absorbed(self, q_nope, q_rope, c, k_rope, cache):
-    idx = cache["index"]
-    c_all = jax.lax.dynamic_update_slice_in_dim(cache["c"], c.astype(cache["c"].dtype), idx, axis=1)
-    kr_all = jax.lax.dynamic_update_slice_in_dim(cache["k_rope"], k_rope.astype(cache["k_rope"].dtype), idx, axis=1)
+    b, s = c.shape[:2]
+    idx = jnp.broadcast_to(cache["index"], (b,)).astype(jnp.int32)  # per row: rows advance independently
+    c_all = _write_rows(cache["c"], c.astype(cache["c"].dtype), idx)
+    kr_all = _write_rows(cache["k_rope"], k_rope.astype(cache["k_rope"].dtype), idx)
     w_kb = adapters.merged_weight(self, "kv_b", self.dtype)  # absorbed: the adapter folded into the weight
     w_uk, w_uv = w_kb[..., :self.nope], w_kb[..., self.nope:]
     q_lat = jnp.einsum("bshd,chd->bshc", q_nope, w_uk)  # queries moved into the latent space
     scores = (jnp.einsum("bshc,btc->bhst", q_lat, c_all.astype(self.dtype), preferred_element_type=jnp.float32)
               + jnp.einsum("bshd,btd->bhst", q_rope, kr_all.astype(self.dtype), preferred_element_type=jnp.float32))
-    s, t = scores.shape[-2], scores.shape[-1]
-    q_pos = idx + jnp.arange(s)
+    t = scores.shape[-1]
+    q_pos = idx[:, None] + jnp.arange(s)  # [b, s]: each query's own slot
     start = cache["start"]  # [b]: slots before a row's start are its left padding
     slot = jnp.arange(t)
-    mask = (slot[None, None, :] <= q_pos[None, :, None]) & (slot[None, None, :] >= start[:, None, None])  # [b,s,t]
+    # causal per row: slots past a query's own (stale entries of a rolled-back row included) are masked
+    mask = (slot[None, None, :] <= q_pos[:, :, None]) & (slot[None, None, :] >= start[:, None, None])  # [b,s,t]
     probs = jax.nn.softmax(jnp.where(mask[:, None], scores * self.scale, NEG_INF), axis=-1)
     out_lat = jnp.einsum("bhst,btc->bshc", probs.astype(self.dtype), c_all.astype(self.dtype))
     out = jnp.einsum("bshc,chd->bshd", out_lat, w_uv)
     out = self._lora("o", out, jnp.einsum("bshd,hde->bse", out, self._w(self.o)))
     return out, {"c": c_all, "k_rope": kr_all, "index": idx, "start": start}
+
+
+def _write_rows(buf, new, idx):
+  """buf [b, T, d] with new [b, s, d] written at slots idx[b] .. idx[b] + s - 1 of each row (a scatter)."""
+  return jax.vmap(lambda row, x, i: jax.lax.dynamic_update_slice_in_dim(row, x, i, axis=0))(buf, new, idx)

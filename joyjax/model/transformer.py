@@ -68,7 +68,7 @@ class Block(nnx.Module):
     else:
       lora = adapters.settings(cfg)
       self.mlp = MLP(cfg.hidden_size, cfg.dense_intermediate_size, std=cfg.init_std, rngs=rngs, dtype=dtype,
-                     param_dtype=param_dtype, lora=lora if lora and lora.on("dense") else None)
+                     param_dtype=param_dtype, group="dense", lora=lora if lora and lora.on("dense") else None)
     self.is_moe = moe
 
   def __call__(self, x, positions, segment_ids, cache=None, token_axes=None):
@@ -99,6 +99,13 @@ class MTPLayer(nnx.Module):
     x = jnp.concatenate([self.enorm(emb), self.hnorm(hidden)], axis=-1) @ self.eh_proj[...].astype(self.dtype)
     x, aux, _ = self.block(x, positions, segment_ids, token_axes=token_axes)
     return x, self.final_norm(x), aux
+
+  def decode(self, emb, hidden, positions, cache, token_axes=None):
+    """The module over cached positions (speculative drafting): its block attends to its own latent cache
+    (``cache``: ``c``, ``k_rope``, ``index``, ``start`` as MLA takes it). Returns (x, normed x, new cache)."""
+    x = jnp.concatenate([self.enorm(emb), self.hnorm(hidden)], axis=-1) @ self.eh_proj[...].astype(self.dtype)
+    x, _, cache = self.block(x, positions, jnp.ones(positions.shape, jnp.int32), cache, token_axes)
+    return x, self.final_norm(x), cache
 
 
 # ------------------------------------------------------------------------------------------- structure
@@ -263,19 +270,27 @@ def embed(cfg, params, tokens):
   return jnp.take(table, tokens, axis=0).astype(dtype_of(m.dtype))
 
 
-def forward_hidden(cfg, params, tokens, *, positions=None, segment_ids=None, cache=None, with_mtp=False):
-  """Tokens [b, s] -> final-normed hidden [b, s, embed] (compute dtype), the MTP hiddens (one per module,
-  module k's position i predicting token i + k + 2 of ``tokens``), aux statistics and the new cache."""
+def _default_positions(tokens, cache):
+  """RoPE positions of ``tokens`` [b, s]: 0.. without a cache; with one, each row's ``index - start`` onwards."""
+  b, s = tokens.shape
+  steps = jnp.arange(s, dtype=jnp.int32)
+  if cache is None:
+    return jnp.broadcast_to(steps, (b, s))
+  first = jnp.broadcast_to(cache["index"] - cache["start"], (b,))
+  return first[:, None] + steps[None]
+
+
+def _trunk(cfg, params, tokens, positions, segment_ids, cache):
+  """Embedding and every decoder layer: (pre-final-norm residual stream [b, s, embed], aux, new cache)."""
   m = model_cfg(cfg)
   token_axes = batch_axes(get_rules(cfg))  # expert parallelism splits tokens as the batch is split
   b, s = tokens.shape
   if positions is None:
-    start = 0 if cache is None else cache["index"]
-    positions = jnp.broadcast_to(start + jnp.arange(s, dtype=jnp.int32), (b, s))
+    positions = _default_positions(tokens, cache)
   if segment_ids is None:
     segment_ids = jnp.ones((b, s), jnp.int32)
   x = embed(m, params, tokens)
-  aux, new_cache = {}, None if cache is None else {}
+  aux, new_cache = {}, None if cache is None else dict(cache)  # other entries (the MTP module's) pass through
   for name in ("dense_layers", "moe_layers"):
     if name in params:
       x, aux[name], c = _run_stack(m, name, params[name], x, positions, segment_ids, cache, token_axes)
@@ -283,7 +298,19 @@ def forward_hidden(cfg, params, tokens, *, positions=None, segment_ids=None, cac
         new_cache[name] = c
   if cache is not None:
     new_cache["index"] = cache["index"] + s
-    new_cache["start"] = cache["start"]
+  return x, aux, new_cache
+
+
+def forward_hidden(cfg, params, tokens, *, positions=None, segment_ids=None, cache=None, with_mtp=False):
+  """Tokens [b, s] -> final-normed hidden [b, s, embed] (compute dtype), the MTP hiddens (one per module,
+  module k's position i predicting token i + k + 2 of ``tokens``), aux statistics and the new cache."""
+  m = model_cfg(cfg)
+  token_axes = batch_axes(get_rules(cfg))
+  if positions is None:
+    positions = _default_positions(tokens, cache)
+  if segment_ids is None:
+    segment_ids = jnp.ones(tokens.shape, jnp.int32)
+  x, aux, new_cache = _trunk(cfg, params, tokens, positions, segment_ids, cache)
   hidden = _merge(m, "final_norm", params["final_norm"]).norm(x)
   mtp_hidden = []
   if with_mtp and "mtp" in params:
@@ -325,18 +352,26 @@ def forward(cfg, params, tokens, *, positions=None, segment_ids=None, return_mtp
 # -------------------------------------------------------------------------------------------- decode
 
 
-def init_cache(cfg, batch: int, max_len: int, dtype=jnp.float32) -> dict:
+def init_cache(cfg, batch: int, max_len: int, dtype=jnp.float32, *, mtp: bool = False) -> dict:
   """The KV cache: MLA's compressed latent and shared rotary key per layer, not expanded keys/values; ``index``
-  the next slot to write, ``start`` [batch] each row's first valid slot (zeros; a left-padded batch sets it to
-  its pad counts, so attention skips the pads; the caller then passes positions ``slot - start``)."""
+  [batch] each row's next slot to write (rows advance independently: a speculative step keeps a different number
+  of tokens per row, and slots at or past a row's index are masked, so rolling back is lowering it), ``start``
+  [batch] each row's first valid slot (zeros; a left-padded batch sets it to its pad counts, so attention skips
+  the pads; positions default to ``slot - start``). ``mtp``: one more layer, ``cache['mtp']``, the latent cache
+  of the first MTP module (``mtp_decode``: speculative drafting), at the same slots and index as the model's."""
   m = model_cfg(cfg)
   a = m.attention
   sizes = stack_sizes(m)
-  cache = {"index": jnp.zeros((), jnp.int32), "start": jnp.zeros((batch,), jnp.int32)}
+  cache = {"index": jnp.zeros((batch,), jnp.int32), "start": jnp.zeros((batch,), jnp.int32)}
   for name in ("dense_layers", "moe_layers"):
     if sizes[name]:
       cache[name] = {"c": jnp.zeros((sizes[name], batch, max_len, a.kv_lora_rank), dtype),
                      "k_rope": jnp.zeros((sizes[name], batch, max_len, a.qk_rope_head_dim), dtype)}
+  if mtp:
+    if not sizes[MTP_STACK]:
+      raise ValueError("init_cache(mtp=True) needs an MTP module (model.mtp.num_layers > 0)")
+    cache[MTP_STACK] = {"c": jnp.zeros((batch, max_len, a.kv_lora_rank), dtype),
+                        "k_rope": jnp.zeros((batch, max_len, a.qk_rope_head_dim), dtype)}
   return cache
 
 
@@ -345,3 +380,31 @@ def decode_step(cfg, params, tokens, cache):
   Returns (float32 logits [b, s, vocab], new cache)."""
   hidden, _, _, cache = forward_hidden(cfg, params, tokens, cache=cache)
   return logits_from_hidden(cfg, params, hidden), cache
+
+
+def decode_hidden(cfg, params, tokens, cache, *, positions=None):
+  """``tokens`` [b, s] against the cache (written at each row's index, which advances by s): (the residual
+  stream before the final norm [b, s, embed], what the MTP module takes as its hidden input; float32 logits
+  [b, s, vocab]; new cache)."""
+  m = model_cfg(cfg)
+  x, _, cache = _trunk(cfg, params, tokens, positions, None, cache)
+  hidden = _merge(m, "final_norm", params["final_norm"]).norm(x)
+  return x, logits_from_hidden(cfg, params, hidden), cache
+
+
+def mtp_decode(cfg, params, hidden, tokens, cache, *, index=None):
+  """The first MTP module over s positions per row, attending to its own latent cache (``cache['mtp']``, from
+  ``init_cache(mtp=True)``): position i takes ``hidden`` [b, s, embed] (the main model's pre-norm residual at i
+  from ``decode_hidden``, or, chaining drafts, the module's own output one position earlier) and ``tokens``
+  [b, s] (token i + 1). Writes slots ``index`` .. ``index + s - 1`` (default the cache's index, which is left
+  unchanged: it belongs to the main model). Returns (x [b, s, embed] to chain on, normed x for the shared head,
+  new cache)."""
+  m = model_cfg(cfg)
+  b, s = tokens.shape
+  index = jnp.broadcast_to(cache["index"] if index is None else index, (b,)).astype(jnp.int32)
+  positions = jnp.maximum((index - cache["start"])[:, None] + jnp.arange(s, dtype=jnp.int32)[None], 0)
+  layer = _merge(m, MTP_STACK, jax.tree.map(lambda a: a[0], params[MTP_STACK]))
+  layer_cache = dict(cache[MTP_STACK], index=index, start=cache["start"])
+  x, normed, new = layer.decode(embed(m, params, tokens), hidden, positions, layer_cache,
+                                batch_axes(get_rules(cfg)))
+  return x, normed, dict(cache, **{MTP_STACK: {"c": new["c"], "k_rope": new["k_rope"]}})

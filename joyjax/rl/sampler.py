@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +33,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from joyjax import model
 from joyjax.model.layers import dtype_of
 from joyjax.parallel import rules
+from joyjax.rl import speculative
+from joyjax.rl.sampling import sample_next
 
 MAX_STOP_IDS = 8  # stop ids are padded to this many (-1 = unused): their number never changes the compiled shape
 
@@ -49,6 +51,14 @@ class Rollout:
   logprobs: Any       # [B, P + R] float32: the sampler's log-prob of each valid response token (0 elsewhere)
   lengths: Any        # [B] int32: response lengths (the stop token included)
   stopped: Any        # [B] bool: the row ended on a stop token (False: it hit its maximum length)
+  steps: Any          # [B] int32: decode steps after the prefill while the row went on (its first token comes
+  #                     from the prefill; a speculative step emits 1 .. k + 1 tokens, a plain step 1)
+
+  def acceptance_length(self) -> float:
+    """Mean tokens a row emitted per decode step after its first (the prefill's) token: 1 without drafting,
+    1 + mean accepted drafts with it (a step cut short by a stop token or the budget counts as taken)."""
+    after_first = np.maximum(np.asarray(self.lengths) - 1, 0)
+    return float(after_first.sum() / max(int(np.asarray(self.steps).sum()), 1))
 
   def fetch(self) -> "Rollout":
     """The same rollout as host numpy arrays."""
@@ -68,45 +78,21 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int = 0) -> 
   return tokens, lens
 
 
-def _truncation_cutoff(scaled, top_p, top_k):
-  """Per row, the smallest tempered logit top-k and then top-p (nucleus over the top-k renormalised) keep:
-  tokens at or above it stay. Rank 0 is always kept, so the cutoff is at most the row's maximum."""
-  v = scaled.shape[-1]
-  desc = -jnp.sort(-scaled, axis=-1)
-  rank = jnp.arange(v, dtype=jnp.int32)[None]
-  in_k = rank < jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
-  probs = jax.nn.softmax(jnp.where(in_k, desc, -jnp.inf), axis=-1)
-  before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly higher-ranked tokens
-  keep = in_k & ((before < top_p) | (top_p >= 1.0))
-  n = jnp.maximum(jnp.sum(keep, axis=-1), 1)
-  return jnp.take_along_axis(desc, (n - 1)[:, None], axis=-1)[:, 0]
-
-
-def sample_next(logits, key, temperature, top_p, top_k):
-  """Float32 logits [b, V] -> (token [b] int32, its log-prob [b] float32 under log_softmax(logits / T)).
-
-  ``temperature`` <= 0 is greedy (argmax; log-probs at T = 1). Otherwise softmax sampling at ``temperature``
-  among the tokens top-k (``top_k`` > 0) and then top-p (``top_p`` < 1) keep; all settings are traced scalars."""
-  greedy = temperature <= 0
-  scaled = logits / jnp.where(greedy, 1.0, temperature)
-  logp = jax.nn.log_softmax(scaled, axis=-1)
-  truncate = (top_k > 0) | (top_p < 1.0)
-  cutoff = jax.lax.cond(truncate, lambda: _truncation_cutoff(scaled, top_p, top_k),
-                        lambda: jnp.full(scaled.shape[:1], -jnp.inf, scaled.dtype))
-  drawn = jax.random.categorical(key, jnp.where(scaled >= cutoff[:, None], scaled, -jnp.inf), axis=-1)
-  token = jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
-  return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
-
 
 class Sampler:
-  """Batched generation for a config: ``Sampler(cfg, max_prompt_len=P, max_new_tokens=R, mesh=None)``, then
-  ``sampler(params, prompt_tokens [B, P] left-padded, prompt_lens [B], key, temperature=...) -> Rollout``.
+  """Batched generation for a config: ``Sampler(cfg, max_prompt_len=P, max_new_tokens=R, mesh=None,
+  draft_tokens=0)``, then ``sampler(params, prompt_tokens [B, P] left-padded, prompt_lens [B], key,
+  temperature=...) -> Rollout``, or ``sampler.stream(...)`` for one prompt's tokens step by step.
+
+  ``draft_tokens`` k > 0 decodes speculatively (``rl/speculative.py``): the model's first MTP module drafts k
+  tokens per step and the model verifies them in one pass, so a step emits 1 .. k + 1 tokens per row; greedy
+  output and the sampling distribution are those of k = 0, and the log-probs are the model's.
 
   With a ``mesh`` the params take ``rules.param_shardings(cfg, mesh)`` and the batch ``rules.batch_sharding``
   (as in training; B must divide by the data-parallel size) and the call runs under ``jax.set_mesh(mesh)``
   (expert parallelism); without one it runs wherever its inputs are."""
 
-  def __init__(self, cfg, *, max_prompt_len: int, max_new_tokens: int, mesh=None):
+  def __init__(self, cfg, *, max_prompt_len: int, max_new_tokens: int, mesh=None, draft_tokens: int = 0):
     limit = cfg.model.max_position_embeddings
     if max_prompt_len < 1 or max_new_tokens < 1:
       raise ValueError(f"Sampler: max_prompt_len ({max_prompt_len}) and max_new_tokens ({max_new_tokens}) must "
@@ -114,23 +100,35 @@ class Sampler:
     if max_prompt_len + max_new_tokens > limit:
       raise ValueError(f"Sampler: max_prompt_len ({max_prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds "
                        f"model.max_position_embeddings={limit}")
+    if draft_tokens < 0 or (draft_tokens > 0 and cfg.model.mtp.num_layers == 0):
+      raise ValueError(f"Sampler: draft_tokens={draft_tokens} needs 0, or an MTP module (model.mtp.num_layers > 0)")
     self.cfg, self.mesh = cfg, mesh
     self.max_prompt_len, self.max_new_tokens = int(max_prompt_len), int(max_new_tokens)
+    self.draft_tokens = int(draft_tokens)
+    # the cache and token buffer have k spare slots: a verify pass writes k + 1 slots past a row's last token
+    self._width = self.max_prompt_len + self.max_new_tokens + self.draft_tokens
     self._traces = 0
+    self._stream_traces = 0
     if mesh is None:
       self._in_shardings = None
-      self._fn = jax.jit(self._rollout)
     else:
       self._rules = rules.get_rules(cfg)
       rows = rules.batch_sharding(mesh, self._rules, ndim=1)
       same = NamedSharding(mesh, PartitionSpec())
       self._in_shardings = (rules.param_shardings(cfg, mesh), rules.batch_sharding(mesh, self._rules), rows,
                             same, same, same, same, same, rows)
-      self._fn = jax.jit(self._rollout, in_shardings=self._in_shardings)
+    shard = {} if mesh is None else {"in_shardings": self._in_shardings}
+    self._fn = jax.jit(self._rollout, **shard)
+    self._prefill_fn = jax.jit(self._traced_prefill, **shard)
+    self._step_fn = jax.jit(self._traced_step, donate_argnums=(1,))
 
   def compiles(self) -> int:
     """How many times the jitted rollout function was traced (= compiled): once per input shape."""
     return self._traces
+
+  def stream_compiles(self) -> int:
+    """How many times ``stream``'s prefill and step functions were traced (2 per input shape)."""
+    return self._stream_traces
 
   def __call__(self, params, prompt_tokens, prompt_lens, key, *, temperature, top_p=1.0, top_k=0, stop_ids=(),
                max_new=None) -> Rollout:
@@ -138,6 +136,39 @@ class Sampler:
     max_prompt_len); ``key`` a jax PRNG key; ``temperature`` 0 = greedy; ``top_p`` 1 and ``top_k`` 0 = off;
     ``stop_ids`` up to ``MAX_STOP_IDS`` token ids that end a row (kept as its last response token); ``max_new``
     the per-row response budget (an int or [B]; None = max_new_tokens)."""
+    args = self._args(params, prompt_tokens, prompt_lens, key, temperature, top_p, top_k, stop_ids, max_new)
+    with self._mesh_ctx():
+      if self._in_shardings is not None:
+        args = jax.device_put(args, self._in_shardings)
+      return self._fn(*args)
+
+  def stream(self, params, prompt_tokens, prompt_lens, key, *, temperature, top_p=1.0, top_k=0, stop_ids=(),
+             max_new=None) -> Iterator[np.ndarray]:
+    """The same generation as ``__call__`` for one prompt (B = 1), as it happens: yields the new tokens of each
+    step, an int32 numpy array [n] (n = 1 without drafting, 1 .. draft_tokens + 1 with it; the stop token
+    included when one ends the row), until the row stops or spends its budget. One jitted call per step (the
+    prefill, then the step function ``__call__``'s while_loop runs), compiled once per shape."""
+    args = self._args(params, prompt_tokens, prompt_lens, key, temperature, top_p, top_k, stop_ids, max_new)
+    if args[1].shape[0] != 1:
+      raise ValueError(f"Sampler.stream: one prompt at a time (B = 1), got B = {args[1].shape[0]}")
+    p, sent = self.max_prompt_len, 0
+    with self._mesh_ctx():
+      if self._in_shardings is not None:
+        args = jax.device_put(args, self._in_shardings)
+      params, settings = args[0], args[3:]
+      state = self._prefill_fn(*args)
+      while True:  # every step gives a row that goes on at least one token: at most max_new_tokens - 1 steps
+        length, done, row = jax.device_get((state["lengths"][0], state["done"][0], state["tokens"][0]))
+        if length > sent:
+          yield np.asarray(row[p + sent:p + length], np.int32)
+          sent = int(length)
+        if done:
+          return
+        state = self._step_fn(params, state, *settings)
+
+  # ------------------------------------------------------------------------------------------------ internals
+
+  def _args(self, params, prompt_tokens, prompt_lens, key, temperature, top_p, top_k, stop_ids, max_new):
     prompt = np.asarray(prompt_tokens, np.int32)
     lens = np.asarray(prompt_lens, np.int32)
     b = prompt.shape[0]
@@ -153,13 +184,11 @@ class Sampler:
     budget = np.broadcast_to(np.asarray(self.max_new_tokens if max_new is None else max_new, np.int32), (b,))
     if budget.min(initial=0) < 0 or budget.max(initial=0) > self.max_new_tokens:
       raise ValueError(f"Sampler: max_new must be 0 .. {self.max_new_tokens}, got {budget.tolist()}")
-    args = (params, prompt, lens, key, np.float32(temperature), np.float32(top_p), np.int32(top_k), stop,
+    return (params, prompt, lens, key, np.float32(temperature), np.float32(top_p), np.int32(top_k), stop,
             np.array(budget))
-    ctx = contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
-    with ctx:
-      if self._in_shardings is not None:
-        args = jax.device_put(args, self._in_shardings)
-      return self._fn(*args)
+
+  def _mesh_ctx(self):
+    return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
 
   def _constrain(self, x, axes):
     if self.mesh is None:
@@ -167,51 +196,93 @@ class Sampler:
     spec = rules.logical_to_spec(axes, self._rules, self.mesh, shape=x.shape)
     return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
-  def _rollout(self, params, prompt, prompt_lens, key, temperature, top_p, top_k, stop_ids, max_new):
-    self._traces += 1
+  def _init_cache(self, b):
+    cache = model.init_cache(self.cfg, b, self._width, dtype_of(self.cfg.model.dtype), mtp=self.draft_tokens > 0)
+    layer_axes = {model.MTP_STACK: ("batch", None, None)}
+    return {name: (self._constrain(v, ("batch",)) if name in ("index", "start") else
+                   jax.tree.map(lambda a, n=name: self._constrain(a, layer_axes.get(n, (None, "batch", None, None))),
+                                v))
+            for name, v in cache.items()}
+
+  def _prefill(self, params, prompt, prompt_lens, key, temperature, top_p, top_k, stop_ids, max_new):
+    """The prompts into the cache and the first token sampled: the decode state (a dict of arrays)."""
     cfg = self.cfg
     b, p = prompt.shape
-    r = self.max_new_tokens
-    total = p + r
     start = (p - prompt_lens).astype(jnp.int32)
-    cache = model.init_cache(cfg, b, total, dtype_of(cfg.model.dtype))
-    cache = {k: (v if k == "index" else jax.tree.map(lambda a: self._constrain(a, (None, "batch", None, None)), v))
-             for k, v in cache.items() if k != "start"}
+    cache = self._init_cache(b)
     cache["start"] = self._constrain(start, ("batch",))
+    positions = jnp.maximum(jnp.arange(p, dtype=jnp.int32)[None] - start[:, None], 0)  # slot - start; pads 0
+    x, logits, cache = model.decode_hidden(cfg, params, prompt, cache, positions=positions)
+    token, lp = sample_next(logits[:, -1], jax.random.fold_in(key, 0), temperature, top_p, top_k)
+    state = {"i": jnp.int32(0), "last": token,
+             "tokens": jnp.concatenate([prompt, jnp.zeros((b, self._width - p), jnp.int32)], axis=1),
+             "logprobs": jnp.zeros((b, self._width), jnp.float32), "lengths": jnp.zeros((b,), jnp.int32),
+             "stopped": jnp.zeros((b,), bool), "done": max_new <= 0, "steps": jnp.zeros((b,), jnp.int32)}
+    if self.draft_tokens:
+      state["hidden"], state["q_logits"], cache = speculative.mtp_prefill(cfg, params, x, prompt, token, cache)
+    state["cache"] = cache
+    return _commit(state, token[:, None], lp[:, None], jnp.ones((b,), jnp.int32), stop_ids, max_new, p)
+
+  def _step(self, params, state, key, temperature, top_p, top_k, stop_ids, max_new):
+    """One decode step (plain: one token; speculative: draft, verify, accept) for every row that goes on."""
+    key = jax.random.fold_in(key, state["i"] + 1)
+    n = state["cache"]["index"]
+    if self.draft_tokens:
+      emitted, logps, count, new = speculative.step(self.cfg, params, state, key, temperature, top_p, top_k,
+                                                    self.draft_tokens)
+    else:
+      logits, cache = model.decode_step(self.cfg, params, state["last"][:, None], state["cache"])
+      token, lp = sample_next(logits[:, 0], key, temperature, top_p, top_k)
+      emitted, logps, count, new = token[:, None], lp[:, None], jnp.ones_like(token), {"cache": cache, "last": token}
+    active = ~state["done"]
+    new["cache"] = dict(new["cache"], index=jnp.where(active, n + count, n))  # rows past their end stay put
+    state = dict(state, **new, i=state["i"] + 1, steps=state["steps"] + active.astype(jnp.int32))
+    return _commit(state, emitted, logps, count, stop_ids, max_new, self.max_prompt_len)
+
+  def _traced_prefill(self, *args):
+    self._stream_traces += 1
+    return self._prefill(*args)
+
+  def _traced_step(self, *args):
+    self._stream_traces += 1
+    return self._step(*args)
+
+  def _rollout(self, params, prompt, prompt_lens, key, temperature, top_p, top_k, stop_ids, max_new):
+    self._traces += 1
+    settings = (key, temperature, top_p, top_k, stop_ids, max_new)
+    state = self._prefill(params, prompt, prompt_lens, *settings)
+    state = jax.lax.while_loop(lambda s: (s["i"] < self.max_new_tokens) & ~jnp.all(s["done"]),
+                               lambda s: self._step(params, s, *settings), state)
+    b, p = prompt.shape
+    total = p + self.max_new_tokens
+    start = (p - prompt_lens).astype(jnp.int32)
+    lengths = state["lengths"]
     slots = jnp.arange(total, dtype=jnp.int32)[None]
-    rel = slots - start[:, None]  # RoPE positions (negative on the left pads)
-    hidden, _, _, cache = model.forward_hidden(cfg, params, prompt, positions=jnp.maximum(rel[:, :p], 0),
-                                               cache=cache)
-    logits = model.logits_from_hidden(cfg, params, hidden[:, -1:])[:, 0]
-
-    def cond(carry):
-      i, done = carry[0], carry[-1]
-      return (i < r) & ~jnp.all(done)
-
-    def body(carry):
-      i, cache, logits, tokens, logprobs, lengths, stopped, done = carry
-      token, lp = sample_next(logits, jax.random.fold_in(key, i), temperature, top_p, top_k)
-      active = ~done
-      token = jnp.where(active, token, 0)
-      slot = p + i
-      tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], slot, axis=1)
-      logprobs = jax.lax.dynamic_update_slice_in_dim(logprobs, jnp.where(active, lp, 0.0)[:, None], slot, axis=1)
-      lengths = lengths + active.astype(jnp.int32)
-      hit = active & jnp.any(token[:, None] == stop_ids[None], axis=-1)
-      stopped = stopped | hit
-      done = done | hit | (lengths >= max_new)
-      # the next token's logits (wasted on the last step: one decode step per rollout, not per token)
-      hidden, _, _, cache = model.forward_hidden(cfg, params, token[:, None], positions=(slot - start)[:, None],
-                                                 cache=cache)
-      logits = model.logits_from_hidden(cfg, params, hidden)[:, 0]
-      return i + 1, cache, logits, tokens, logprobs, lengths, stopped, done
-
-    tokens = jnp.concatenate([prompt, jnp.zeros((b, r), jnp.int32)], axis=1)
-    carry = (jnp.int32(0), cache, logits, tokens, jnp.zeros((b, total), jnp.float32), jnp.zeros((b,), jnp.int32),
-             jnp.zeros((b,), bool), max_new <= 0)
-    _, _, _, tokens, logprobs, lengths, stopped, _ = jax.lax.while_loop(cond, body, carry)
     end = (p + lengths)[:, None]
     real = (slots >= start[:, None]) & (slots < end)
     response = (slots >= p) & (slots < end)
-    return Rollout(tokens=tokens, positions=jnp.where(real, rel, 0), segment_ids=real.astype(jnp.int32),
-                   response_mask=response.astype(jnp.float32), logprobs=logprobs, lengths=lengths, stopped=stopped)
+    return Rollout(tokens=state["tokens"][:, :total], positions=jnp.where(real, slots - start[:, None], 0),
+                   segment_ids=real.astype(jnp.int32), response_mask=response.astype(jnp.float32),
+                   logprobs=state["logprobs"][:, :total], lengths=lengths, stopped=state["stopped"],
+                   steps=state["steps"])
+
+
+def _commit(state, emitted, logps, count, stop_ids, max_new, p):
+  """Appends each row's first ``count`` tokens of ``emitted`` [b, m] (and their log-probs) to its response,
+  cut after the first stop token and at the row's budget; rows already done take nothing. Updates ``tokens``,
+  ``logprobs``, ``lengths``, ``stopped`` and ``done``."""
+  b, m = emitted.shape
+  lengths = state["lengths"]
+  j = jnp.arange(m, dtype=jnp.int32)[None]
+  is_stop = jnp.any(emitted[..., None] == stop_ids[None, None], axis=-1) & (j < count[:, None])
+  through_stop = jnp.where(jnp.any(is_stop, axis=-1), jnp.argmax(is_stop, axis=-1) + 1, m)
+  n = jnp.minimum(jnp.minimum(count, through_stop), max_new - lengths)
+  n = jnp.where(state["done"], 0, jnp.maximum(n, 0))
+  write = j < n[:, None]
+  slot = jnp.where(write, p + lengths[:, None] + j, state["tokens"].shape[1])  # out of range: dropped
+  rows = jnp.arange(b)[:, None]
+  lengths = lengths + n
+  hit = jnp.any(is_stop & write, axis=-1)
+  return dict(state, tokens=state["tokens"].at[rows, slot].set(emitted, mode="drop"),
+              logprobs=state["logprobs"].at[rows, slot].set(logps, mode="drop"), lengths=lengths,
+              stopped=state["stopped"] | hit, done=state["done"] | hit | (lengths >= max_new))
