@@ -206,6 +206,18 @@ def get_config() -> ml_collections.ConfigDict:
   tr.sample_temperature = 0.0      # 0 = greedy
   tr.peak_tflops = 0.0             # per-device peak for MFU; 0 = guess from the device kind
 
+  # ---------------------------------------------------------------- quantization-aware training (joyjax/quant.py)
+  # The loss sees fake-quantized weights (straight-through gradient); float32 master weights stay in the state;
+  # held-out evaluation measures the quantized model. Pretraining and SFT (the shared train step).
+  qt = c.quant = ml_collections.ConfigDict()
+  qt.format = "none"               # none (off) | int4 (symmetric, group-wise along the input dim) | fp8 (e4m3,
+                                   # one scale per 128x128 block, as DeepSeek-V3 ships)
+  qt.group_size = 128              # int4: input elements per scale; must divide every quantized weight's input dim
+  # Quantized weight groups, comma separated: attention (MLA projections), dense (dense layers' MLP), shared
+  # (shared expert), routed (routed experts). Embeddings, LM head, router, norms, MTP eh_proj stay float.
+  qt.targets = "attention,dense,shared,routed"
+  qt.start_step = 0                # QAT from this step on (a late phase); earlier steps train the float weights
+
   ck = c.checkpoint = ml_collections.ConfigDict()
   ck.every = 50                    # save every N steps (0 = only at the end)
   ck.keep = 3                      # keep the last K

@@ -33,7 +33,11 @@ DPO_LOSS_TYPES = ("sigmoid", "ipo")            # dpo.loss_type (sigmoid + label_
 DPO_REFERENCES = ("frozen", "precomputed")     # dpo.reference: where the reference log-probs come from
 POLICY_LOSSES = ("fiberpo", "fiberpo_domain", "grpo", "gspo")  # rl.loss
 ADVANTAGES = ("group", "group_mean", "none")  # rl.advantage: how rewards become advantages
-LORA_TARGETS = ("attention", "dense", "shared", "routed")  # model.lora.targets: which weights get adapters
+# The weight groups each layer tags its matrices with (``ParamInfo.group``): MLA projections, the dense layers' MLP,
+# the shared expert, the routed experts. model.lora.targets and quant.targets name subsets of them.
+PARAM_GROUPS = ("attention", "dense", "shared", "routed")
+LORA_TARGETS = PARAM_GROUPS  # model.lora.targets: which weights get adapters
+QUANT_FORMATS = ("none", "int4", "fp8")  # quant.format: none = off; int4 = group-wise symmetric; fp8 = e4m3 blocks
 
 
 def _all_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -212,6 +216,14 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _require(bool(targets) and set(targets) <= set(LORA_TARGETS), "model.lora.targets",
              f"must be a comma-separated subset of {', '.join(LORA_TARGETS)}, got {lo.targets!r}")
     _require(lo.base_dtype in DTYPES, "model.lora.base_dtype", f"must be one of {DTYPES}, got {lo.base_dtype!r}")
+  qu = cfg.quant
+  _require(qu.format in QUANT_FORMATS, "quant.format", f"must be one of {QUANT_FORMATS}, got {qu.format!r}")
+  if qu.format != QUANT_FORMATS[0]:
+    targets = [x.strip() for x in qu.targets.split(",") if x.strip()]
+    _require(bool(targets) and set(targets) <= set(PARAM_GROUPS), "quant.targets",
+             f"must be a comma-separated subset of {', '.join(PARAM_GROUPS)}, got {qu.targets!r}")
+    _require(qu.group_size > 0, "quant.group_size", f"must be positive, got {qu.group_size}")
+    _require(qu.start_step >= 0, "quant.start_step", f"must be >= 0 (0 = from the first step), got {qu.start_step}")
 
   d = cfg.data
   _require(d.seq_len > 1, "data.seq_len", f"must be > 1, got {d.seq_len}")

@@ -10,6 +10,14 @@ QAT: the train state keeps float32 master weights; the loss sees ``fake_quantize
 with a straight-through gradient (``w + stop_gradient(q(w) - w)``: the gradient w.r.t. the master weight is the
 gradient w.r.t. the quantized weight), so the model learns weights that survive quantization.
 
+Which weights (``quant.targets``): each layer tags its matrices with a group when creating them
+(``ParamInfo.group``: attention = the MLA projections, dense = the dense layers' MLP, shared = the shared expert,
+routed = the routed experts; MTP modules' blocks included). The embedding table, the LM head, the router, the norms,
+the MTP input projection, LoRA adapters and the router bias have no group and always stay in float. A weight is seen
+as a stack of [input, output] matrices: its leading 'layers' / 'expert' axes, then its input axes (``muon_inputs``,
+flattened), then the rest (flattened) -- the Hugging Face [out, in] matrix transposed, so the groups and blocks here
+are those of the exported checkpoint.
+
 Why not Google's qwix: qwix (0.1.x) quantizes by intercepting ops inside Flax modules (linen ``nn.Dense`` /
 ``einsum`` and jax ops via ``QtProvider``/interception while a module is applied) or by rewriting an nnx model's
 modules. joyjax applies its weights as pure arrays (``param[...]`` into einsums, grouped matmuls through our own
@@ -24,6 +32,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from joyjax import model
+from joyjax.config import QUANT_FORMATS
+from joyjax.errors import ConfigError
 
 INT4_MIN, INT4_MAX = -8, 7
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -136,3 +148,82 @@ def fake_quantize(w: jax.Array, fmt: str, group_size: int, axis: int) -> jax.Arr
   ``w + stop_gradient(q(w) - w)``. The forward sees the quantized weight; d/dw is the identity."""
   dq = quantize_dequantize(w, fmt, group_size, axis).astype(w.dtype)
   return w + jax.lax.stop_gradient(dq - w)
+
+
+# ------------------------------------------------------------------------------ which params, and how
+
+
+def targets(cfg) -> frozenset:
+  """``quant.targets`` as a set of ``config.PARAM_GROUPS`` names (empty when ``quant.format`` is 'none')."""
+  q = cfg.quant
+  if q.format == QUANT_FORMATS[0]:
+    return frozenset()
+  return frozenset(t.strip() for t in q.targets.split(",") if t.strip())
+
+
+def is_quantized(cfg, info: model.ParamInfo) -> bool:
+  """Whether QAT / PTQ quantizes the parameter ``info`` describes: a base matrix of a selected group."""
+  return info.group is not None and info.adapter is None and not info.frozen and info.group in targets(cfg)
+
+
+def matrix_shape(info: model.ParamInfo, shape) -> tuple[int, ...]:
+  """The [*lead, in, out] view of a weight declared [*lead, *inputs, *outputs] (lead: 'layers' / 'expert')."""
+  axes, inputs = info.axes, info.muon_inputs
+  lead = axes.index(inputs[0])
+  if axes[lead:lead + len(inputs)] != tuple(inputs) or len(axes) == lead + len(inputs):
+    raise ValueError(f"quant: a weight with axes {axes} and inputs {inputs} is not [*lead, *inputs, *outputs]")
+  n_in = 1
+  for d in shape[lead:lead + len(inputs)]:
+    n_in *= d
+  return tuple(shape[:lead]) + (n_in, -1)
+
+
+def selection(cfg) -> dict:
+  """The ``model.param_info(cfg)`` tree with True where the parameter is quantized, False elsewhere."""
+  return jax.tree.map(lambda i: is_quantized(cfg, i), model.param_info(cfg), is_leaf=model.is_info)
+
+
+def check(cfg) -> None:
+  """ConfigError (one line) unless ``quant.group_size`` divides the input dimension of every INT4 weight."""
+  q = cfg.quant
+  if q.format != "int4":
+    return
+  info = model.param_info(cfg)
+  shapes = model.abstract_params(cfg)
+  bad = {}
+
+  def visit(path, i, leaf):
+    if is_quantized(cfg, i):
+      n_in = matrix_shape(i, leaf.shape)[-2]
+      if n_in % q.group_size:
+        bad.setdefault(i.group, set()).add(n_in)
+
+  jax.tree_util.tree_map_with_path(visit, info, shapes, is_leaf=model.is_info)
+  if bad:
+    dims = sorted({d for v in bad.values() for d in v})
+    raise ConfigError(f"quant.group_size={q.group_size} does not divide the input dimension(s) {dims} of the "
+                      f"{', '.join(sorted(bad))} weights: choose a divisor of {dims} or drop those groups from "
+                      f"quant.targets")
+
+
+def fake_quantize_params(cfg, params, step=None):
+  """``params`` with every selected weight (``quant.targets``) fake-quantized in ``quant.format`` (straight-through
+  gradient, same dtypes); the rest unchanged. The identity when ``quant.format`` is 'none'.
+
+  QAT: the loss sees these weights, the optimizer updates the float32 masters. PTQ evaluation: the same call on
+  trained float weights (outside a gradient the STE is just dequantize(quantize(w))). With ``step`` (a traced
+  int) and ``quant.start_step`` > 0, the weights stay float before that step (one compiled step for both phases)."""
+  fmt = cfg.quant.format
+  if fmt == QUANT_FORMATS[0]:
+    return params
+  gs = int(cfg.quant.group_size)
+  on = None if step is None or cfg.quant.start_step <= 0 else step >= cfg.quant.start_step
+
+  def one(i, w):
+    if not is_quantized(cfg, i):
+      return w
+    view = w.reshape(matrix_shape(i, w.shape))
+    fq = fake_quantize(view, fmt, gs, -2).reshape(w.shape)
+    return fq if on is None else jnp.where(on, fq, w)
+
+  return jax.tree.map(one, model.param_info(cfg), params, is_leaf=model.is_info)

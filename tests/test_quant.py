@@ -7,7 +7,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from joyjax import quant
+from conftest import tiny_config
+from joyjax import model, quant
+from joyjax.errors import ConfigError
 
 
 def _np_int4(w, group_size, axis):
@@ -121,3 +123,91 @@ def test_fake_quantize_values_and_straight_through_gradient():
   assert quant.fake_quantize(wb, "int4", 8, 0).dtype == jnp.bfloat16
   with pytest.raises(ValueError, match="format"):
     quant.fake_quantize(w, "int8", 8, 0)
+
+
+# ------------------------------------------------------------------------------------ params and config
+
+GROUP_LEAVES = {  # hand-written reference: which leaves (by path) each quant.targets group holds
+    "attention": lambda p: "attn" in p and p[-1] in ("q_a", "q_b", "q", "kv_a", "kv_b", "o"),
+    "dense": lambda p: p[0] == "dense_layers" and p[-2:-1] == ("mlp",) and p[-1] in ("gate", "up", "down"),
+    "shared": lambda p: "shared" in p and p[-1] in ("gate", "up", "down"),
+    "routed": lambda p: p[-1] in ("wi_gate", "wi_up", "wo"),
+}
+
+
+def _paths(tree):
+  return {tuple(k.key for k in p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _qcfg(**over):
+  keys = {"quant.format": "int4", "quant.group_size": 16}
+  keys.update({k.replace("__", "."): v for k, v in over.items()})
+  return tiny_config(keys)
+
+
+@pytest.mark.parametrize("targets", ["attention", "dense", "shared", "routed", "attention,dense,shared,routed"])
+def test_selection_covers_exactly_the_group(targets):
+  sel = _paths(quant.selection(_qcfg(quant__targets=targets)))
+  want = {p for p in sel if any(GROUP_LEAVES[t](p) for t in targets.split(","))}
+  assert want and {p for p, on in sel.items() if on} == want
+  for never in [("embed", "embedding"), ("lm_head", "kernel"), ("moe_layers", "mlp", "router"),
+                ("moe_layers", "mlp", "router_bias"), ("mtp", "eh_proj"), ("moe_layers", "attn_norm", "scale")]:
+    assert not sel.get(never, False), never
+  assert not any(_paths(quant.selection(_qcfg(quant__format="none", quant__targets=targets))).values())
+
+
+def test_fake_quantize_params_matches_numpy_on_the_matrix_view():
+  cfg = _qcfg()
+  params = model.init(cfg, jax.random.key(0))
+  out = _paths(jax.jit(lambda p: quant.fake_quantize_params(cfg, p))(params))
+  src = _paths(params)
+  sel = _paths(quant.selection(cfg))
+  for p, w in src.items():
+    if not sel[p]:
+      assert out[p] is w or np.array_equal(np.asarray(out[p]), np.asarray(w)), p
+  # o: [layers, heads, head_dim, embed] with inputs (heads, head_dim): groups run along heads * head_dim
+  o = np.asarray(src[("moe_layers", "attn", "o")], np.float64)
+  lay, h, d, e = o.shape
+  ref = _np_int4(o.reshape(lay, h * d, e), 16, 1)[2].reshape(o.shape)
+  got = np.asarray(out[("moe_layers", "attn", "o")], np.float64)
+  step = np.abs(o).max() / 7
+  assert np.mean(np.abs(got - ref) > 1e-6) < 1e-3 and np.all(np.abs(got - ref) <= step + 1e-6)
+  # routed experts [layers, expert, embed, mlp]: groups along embed for each (layer, expert)
+  wi = np.asarray(src[("moe_layers", "mlp", "wi_gate")], np.float64)
+  ref = _np_int4(wi, 16, 2)[2]
+  assert np.mean(np.abs(np.asarray(out[("moe_layers", "mlp", "wi_gate")]) - ref) > 1e-6) < 1e-3
+
+
+def test_fake_quantize_params_gradient_is_identity_and_start_step():
+  cfg = _qcfg(quant__format="fp8", quant__start_step=5)
+  params = model.init(cfg, jax.random.key(0))
+  cot = jax.tree.map(lambda x: jnp.cos(jnp.arange(x.size, dtype=jnp.float32).reshape(x.shape)), params)
+  loss = lambda p, s: sum(jnp.sum(a * c) for a, c in zip(  # noqa: E731
+      jax.tree.leaves(quant.fake_quantize_params(cfg, p, s)), jax.tree.leaves(cot)))
+  grad = jax.jit(jax.grad(loss))
+  for s in (4, 5):
+    g = grad(params, jnp.int32(s))
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(cot)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  fq = jax.jit(lambda p, s: quant.fake_quantize_params(cfg, p, s))
+  before, after = _paths(fq(params, jnp.int32(4))), _paths(fq(params, jnp.int32(5)))
+  key = ("dense_layers", "mlp", "down")
+  assert np.array_equal(np.asarray(before[key]), np.asarray(_paths(params)[key]))
+  assert not np.array_equal(np.asarray(after[key]), np.asarray(_paths(params)[key]))
+
+
+@pytest.mark.parametrize("over,key", [({"quant.format": "int8"}, "quant.format"),
+                                      ({"quant.format": "int4", "quant.targets": "experts"}, "quant.targets"),
+                                      ({"quant.format": "int4", "quant.group_size": 0}, "quant.group_size"),
+                                      ({"quant.format": "fp8", "quant.start_step": -1}, "quant.start_step")])
+def test_config_errors_are_one_line(over, key):
+  with pytest.raises(ConfigError, match=key) as e:
+    tiny_config(over)
+  assert "\n" not in str(e.value)
+
+
+def test_group_size_must_divide_input_dims():
+  with pytest.raises(ConfigError, match="quant.group_size=48") as e:
+    quant.check(_qcfg(quant__group_size=48))
+  assert "\n" not in str(e.value)
+  quant.check(_qcfg(quant__group_size=48, quant__format="fp8"))  # fp8 has no groups

@@ -76,7 +76,7 @@ def add_adapter(module: nnx.Module, name: str, lora: LoRA, rngs: nnx.Rngs) -> No
   cut = lead + n_in
   fan_in = math.prod(shape[lead:cut])
   dtype = dtype_of(lora.dtype)
-  common = dict(decay=True, routed=bool(md["routed"]), adapts=name)
+  common = dict(decay=True, routed=bool(md["routed"]), adapts=name, group=None)  # group: base weights only
   a = (1.0 / math.sqrt(3 * fan_in)) * jax.random.normal(rngs.lora(), shape[:cut] + (lora.rank,), dtype)
   setattr(module, name + SUFFIX_A, nnx.Param(a, logical_axes=axes[:cut] + (LORA_AXIS,),
                                                muon_inputs=tuple(md["muon_inputs"]), adapter="a", **common))

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from joyjax.config import DTYPES
+from joyjax.config import DTYPES, PARAM_GROUPS
 
 
 _DTYPES = dict(zip(DTYPES, (jnp.float32, jnp.bfloat16, jnp.float16)))
@@ -25,7 +25,7 @@ class RouterBias(nnx.Variable):
 
 
 def param(rngs: nnx.Rngs, shape, axes, *, std: float, dtype, inputs: tuple[str, ...] | None, decay: bool = True,
-          routed: bool = False) -> nnx.Param:
+          routed: bool = False, group: str | None = None) -> nnx.Param:
   """A normally initialised weight and what the rest of joyjax needs to know about it, as metadata:
 
   axes: its logical axis names (mapped to mesh axes by the config's rules);
@@ -33,17 +33,22 @@ def param(rngs: nnx.Rngs, shape, axes, *, std: float, dtype, inputs: tuple[str, 
     for a weight that is not such a matrix (embedding table, output head, router: trained by AdamW). Required,
     so every new weight is placed deliberately;
   decay: whether decoupled weight decay applies;
-  routed: a routed expert's weight (leading 'expert' axis; only top-k of them are active per token).
+  routed: a routed expert's weight (leading 'expert' axis; only top-k of them are active per token);
+  group: which of ``config.PARAM_GROUPS`` the matrix belongs to (attention, dense, shared, routed), or None
+    (embedding, head, router, MTP projection): what ``model.lora.targets`` / ``quant.targets`` select.
   """
   assert len(shape) == len(axes), (shape, axes)
   assert inputs is None or set(inputs) <= set(axes), (inputs, axes)
+  assert group is None or (group in PARAM_GROUPS and inputs), (group, inputs)
   return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), logical_axes=tuple(axes),
-                   muon_inputs=None if inputs is None else tuple(inputs), decay=bool(decay), routed=bool(routed))
+                   muon_inputs=None if inputs is None else tuple(inputs), decay=bool(decay), routed=bool(routed),
+                   group=group)
 
 
 def ones_param(shape, axes, *, dtype) -> nnx.Param:
   """A scale vector (norms): no Muon, no weight decay."""
-  return nnx.Param(jnp.ones(shape, dtype), logical_axes=tuple(axes), muon_inputs=None, decay=False, routed=False)
+  return nnx.Param(jnp.ones(shape, dtype), logical_axes=tuple(axes), muon_inputs=None, decay=False, routed=False,
+                   group=None)
 
 
 class RMSNorm(nnx.Module):

@@ -39,6 +39,7 @@ class ParamInfo:
   trainable: bool = True
   adapter: str | None = None               # LoRA: 'a' ([*inputs, r]) or 'b' ([r, *outputs]) of an adapter
   adapts: str | None = None                # LoRA: the name of the sibling weight the adapter modifies
+  group: str | None = None                 # config.PARAM_GROUPS member of a base matrix (quant.targets), else None
 
 
 def is_info(x) -> bool:
@@ -53,7 +54,8 @@ def _info(v: nnx.Variable, stacked: bool, lora: bool) -> ParamInfo:
     return ParamInfo(axes=axes, muon_inputs=None, decay=False, routed=False, frozen=True, trainable=False)
   adapter = md.get("adapter")  # only adapters declare it (adapters.add_adapter)
   return ParamInfo(axes=axes, muon_inputs=md["muon_inputs"], decay=md["decay"], routed=md["routed"], frozen=False,
-                   trainable=adapter is not None or not lora, adapter=adapter, adapts=md.get("adapts"))
+                   trainable=adapter is not None or not lora, adapter=adapter, adapts=md.get("adapts"),
+                   group=md["group"])
 
 
 def param_info(cfg) -> dict:

@@ -16,11 +16,12 @@ from joyjax.model.layers import RouterBias, param
 class MLP(nnx.Module):
   """SwiGLU MLP: down(silu(gate x) * up x). Used for dense layers and the shared expert."""
 
-  def __init__(self, hidden: int, inter: int, *, std: float, rngs: nnx.Rngs, dtype, param_dtype,
+  def __init__(self, hidden: int, inter: int, *, std: float, rngs: nnx.Rngs, dtype, param_dtype, group: str,
                lora: adapters.LoRA | None = None):
-    self.gate = param(rngs, (hidden, inter), ("embed", "mlp"), std=std, dtype=param_dtype, inputs=("embed",))
-    self.up = param(rngs, (hidden, inter), ("embed", "mlp"), std=std, dtype=param_dtype, inputs=("embed",))
-    self.down = param(rngs, (inter, hidden), ("mlp", "embed"), std=std, dtype=param_dtype, inputs=("mlp",))
+    w = dict(std=std, dtype=param_dtype, group=group)  # group: 'dense' or 'shared' (config.PARAM_GROUPS)
+    self.gate = param(rngs, (hidden, inter), ("embed", "mlp"), inputs=("embed",), **w)
+    self.up = param(rngs, (hidden, inter), ("embed", "mlp"), inputs=("embed",), **w)
+    self.down = param(rngs, (inter, hidden), ("mlp", "embed"), inputs=("mlp",), **w)
     self.dtype = dtype
     if lora is not None:  # the owner decides (model.lora.targets: dense / shared)
       adapters.add_adapter(self, "gate", lora, rngs)
@@ -75,7 +76,7 @@ class MoE(nnx.Module):
     self.router = param(rngs, (h, e.num_experts), ("embed", "expert"), std=std, dtype=param_dtype, inputs=None)
     self.router_bias = RouterBias(jnp.zeros((e.num_experts,), jnp.float32), logical_axes=("expert",))
     shape_in, shape_out = (e.num_experts, h, e.intermediate_size), (e.num_experts, e.intermediate_size, h)
-    expert = dict(std=std, dtype=param_dtype, routed=True)
+    expert = dict(std=std, dtype=param_dtype, routed=True, group="routed")
     self.wi_gate = param(rngs, shape_in, ("expert", "embed", "mlp"), inputs=("embed",), **expert)
     self.wi_up = param(rngs, shape_in, ("expert", "embed", "mlp"), inputs=("embed",), **expert)
     self.wo = param(rngs, shape_out, ("expert", "mlp", "embed"), inputs=("mlp",), **expert)
@@ -83,7 +84,7 @@ class MoE(nnx.Module):
     lora = adapters.settings(cfg)
     if self.has_shared:
       self.shared = MLP(h, e.intermediate_size * e.num_shared_experts, std=std, rngs=rngs, dtype=dtype,
-                        param_dtype=param_dtype, lora=lora if lora and lora.on("shared") else None)
+                        param_dtype=param_dtype, group="shared", lora=lora if lora and lora.on("shared") else None)
     if lora and lora.on("routed"):
       for name in adapters.EXPERT_WEIGHTS:
         adapters.add_adapter(self, name, lora, rngs)

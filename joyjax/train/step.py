@@ -9,6 +9,10 @@ b_i += gamma * sign(mean_j c_j - c_i) per MoE layer (DeepSeek-V3, ``model.update
 step's per-expert token counts.
 They are params the optimizer leaves alone (label 'frozen').
 
+Quantization-aware training (``quant.format`` int4 / fp8): the loss sees ``quant.fake_quantize_params`` of the
+float32 master weights, computed once per step; its straight-through gradient is the identity, so the gradient
+w.r.t. the quantized weights is the one the optimizer applies to the masters (pretraining and SFT share this step).
+
 A step whose loss or gradient norm is not finite changes nothing but ``step``, ``nonfinite`` (the run of
 such steps) and ``skipped``; the loop stops when ``nonfinite`` reaches ``train.max_nonfinite``.
 """
@@ -19,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from joyjax import model, optim
+from joyjax import model, optim, quant
 from joyjax.batch import LM_KEYS
 from joyjax.losses import lm
 
@@ -79,6 +83,7 @@ def make_train_step(cfg, tx: optax.GradientTransformation, total_steps: int | No
   t = cfg.train
   k = int(t.grad_accum)
   total = int(t.steps if total_steps is None else total_steps)
+  quant.check(cfg)
 
   def loss_fn(params, micro, denom):
     return lm.lm_loss(cfg, params, micro, denom)
@@ -89,7 +94,8 @@ def make_train_step(cfg, tx: optax.GradientTransformation, total_steps: int | No
     batch = {key: batch[key] for key in LM_KEYS}
     denom = lm.denominators(cfg, batch)
     params = state["params"]
-    (loss, stats), grads = accumulate(lambda micro: grad_fn(params, micro, denom), batch, k)
+    seen = quant.fake_quantize_params(cfg, params, state["step"])  # params itself when quant.format is none
+    (loss, stats), grads = accumulate(lambda micro: grad_fn(seen, micro, denom), batch, k)
     new_state, finite, grad_norm = apply_gradients(cfg, tx, state, grads, loss, stats["expert_counts"])
     tokens = stats["tokens"]
     metrics = {
