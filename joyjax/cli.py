@@ -176,7 +176,8 @@ def cmd_sample(args, overrides):
 def cmd_chat(args, overrides):
   decoding = chat.Decoding(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                            max_tokens=args.max_tokens, seed=args.seed)
-  session = chat.open_session(args.checkpoint, system=args.system, thinking=args.think, decoding=decoding)
+  session = chat.open_session(args.checkpoint, system=args.system, thinking=args.think, decoding=decoding,
+                              draft_tokens=args.draft_tokens)
   if args.prompt is not None:
     chat.say_reply(session, args.prompt, args.think, sys.stdout)
   else:
@@ -258,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
   ch.add_argument("--max-tokens", type=_at_least(1, int), default=512, help="most tokens per reply")
   ch.add_argument("--seed", type=int, default=0)
   ch.add_argument("--prompt", default=None, help="one-shot: answer this user turn, print the reply, exit")
+  ch.add_argument("--draft-tokens", type=_at_least(0, int), default=None,
+                  help=f"MTP speculative decoding: tokens drafted per step (default {chat.DEFAULT_DRAFT_TOKENS} where "
+                       "the checkpoint has an MTP module, else 0); 0 = off")
   c = with_config("convert", "Hugging Face <-> joyjax checkpoints",
                   "joyjax convert --params ckpt/flash --config configs/joyai_flash.py --out hf/ "
                   "--config.model.num_layers=8", required=False)

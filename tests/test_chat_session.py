@@ -26,6 +26,7 @@ import chat_data as cd
 from conftest import REPO_ROOT, tiny_config
 from joyjax import cli, model
 from joyjax.data import chat as chat_format
+from joyjax.errors import ConfigError
 from joyjax.rl.sampler import Sampler, left_pad
 from joyjax.train import chat, checkpoint
 
@@ -127,14 +128,29 @@ def test_ctrl_c_stops_a_reply_and_keeps_what_was_shown(monkeypatch, tok, ckpt):
   assert s.history == [{"role": "user", "content": Q1}, {"role": "assistant", "content": "The answer"}]
 
 
+class Pieces(io.StringIO):
+  """A text stream that remembers each write."""
+
+  def __init__(self):
+    super().__init__()
+    self.pieces = []
+
+  def write(self, text):
+    self.pieces.append(text)
+    return super().write(text)
+
+
 def test_greedy_replies_are_the_batch_samplers_and_render_as_the_format(session, tok):
   """Two real turns (thinking, then not): each reply is the batch sampler's greedy continuation of the format's
-  rendering of the conversation (the first reply as the history keeps it); the reference decodes both prompts
-  as one batch of two rows, padded to another length than the session's."""
+  rendering of the conversation (the first reply as the history keeps it). The session streams with MTP
+  speculation; the reference decodes both prompts without it, as one batch of two rows padded to another length
+  than the session's."""
   session.reset()
-  out1, out2 = io.StringIO(), io.StringIO()
+  assert session.draft_tokens == chat.DEFAULT_DRAFT_TOKENS  # the tiny model has an MTP module: speculation on
+  out1, out2 = Pieces(), Pieces()
   chat.say_reply(session, Q1, True, out1)
   chat.say_reply(session, Q2, False, out2)
+  assert len(out1.pieces) > 3 and len(out2.pieces) > 3  # streamed: "<think>", several pieces, "\n"
   assert out1.getvalue().startswith(T) and out1.getvalue().endswith("\n") and out2.getvalue().endswith("\n")
   reply1, reply2 = out1.getvalue()[len(T):-1], out2.getvalue()[:-1]
   messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": Q1}]
@@ -153,6 +169,15 @@ def test_greedy_replies_are_the_batch_samplers_and_render_as_the_format(session,
   assert [tok.decode(t) for t in new] == [reply1, reply2]
   kept = [m for m in messages if m.get("content") or m.get("reasoning_content")]
   assert session.history[:len(kept)] == kept
+
+
+def test_draft_tokens_default_and_refusal():
+  with_mtp, without = tiny_config(), tiny_config({"model.mtp.num_layers": 0})
+  assert chat.draft_tokens_for(with_mtp, None) == chat.DEFAULT_DRAFT_TOKENS
+  assert chat.draft_tokens_for(with_mtp, 0) == 0 and chat.draft_tokens_for(with_mtp, 2) == 2
+  assert chat.draft_tokens_for(without, None) == 0 and chat.draft_tokens_for(without, 0) == 0
+  with pytest.raises(ConfigError, match="--draft-tokens 2: .* has none"):
+    chat.draft_tokens_for(without, 2)
 
 
 def test_a_conversation_over_the_context_is_a_data_error(session):
@@ -205,9 +230,10 @@ def test_one_shot_prompt_prints_the_reply(ckpt, capsys):
 
 @pytest.mark.slow  # test_one_shot_prompt_prints_the_reply runs the same command in-process
 def test_one_shot_prompt_exits_0(ckpt):
+  """The command as a script runs it, without speculation: the speculative in-process session's reply."""
   r = subprocess.run([sys.executable, "-m", "joyjax.cli", "chat", "--checkpoint", ckpt, "--prompt", Q1, "--think",
-                      "--system", SYSTEM, "--max-tokens", str(MAX_TOKENS)], env=_env(), capture_output=True,
-                     text=True, timeout=300, stdin=subprocess.DEVNULL)
+                      "--system", SYSTEM, "--max-tokens", str(MAX_TOKENS), "--draft-tokens", "0"], env=_env(),
+                     capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
   assert r.returncode == 0, r.stderr[-3000:]
   assert r.stdout == _expected(ckpt, [Q1], system=SYSTEM, thinking=True)
 

@@ -3,10 +3,14 @@
 ``ChatSession`` holds a conversation (``history``: chat-format messages, the system prompt first) and answers a
 user turn with ``reply(text, think)``: the conversation plus the new turn is rendered by ``joyjax.data.chat``
 (``render_prompt``: the same text and ids training saw, ending with the assistant opening of the chosen mode),
-the model continues it through the rollout sampler (``joyjax.rl.sampler``) until the tokenizer's EOS (the
-format's end of turn) or ``max_tokens``, and the reply comes back as text pieces while it is decoded. Pieces
-are the new suffix of the decoded token stream, held back while it ends inside a multi-byte character, so a
-character is never split between two pieces.
+the model continues it through the rollout sampler's stream (``joyjax.rl.sampler.Sampler.stream``: the jitted
+prefill, then one jitted decode step per call) until the tokenizer's EOS (the format's end of turn) or
+``max_tokens``, and the reply comes back as text pieces while it is decoded. Pieces are the new suffix of the
+decoded token stream, held back while it ends inside a multi-byte character, so a character is never split
+between two pieces. Where the model has an MTP module, each step is speculative by default
+(``DEFAULT_DRAFT_TOKENS`` drafts, verified in one pass: greedy replies are unchanged, sampled ones keep their
+distribution); ``draft_tokens=0`` decodes one token per step. Prompts are left-padded to a few lengths (powers
+of two), so a conversation compiles a few shapes, not one per turn.
 
 History: the reply is read back with the chat format's ``parse`` (``{reasoning}</think>{content}`` in
 thinking mode) and kept whole, reasoning included. Rendering decides what the model sees, exactly as in
@@ -42,11 +46,12 @@ import numpy as np
 
 from joyjax.data import chat as chat_format
 from joyjax.data.tokenizer import Tokenizer, check_vocab_fits, load_tokenizer
-from joyjax.errors import CheckpointError, DataError
+from joyjax.errors import CheckpointError, ConfigError, DataError
 from joyjax.rl.sampler import Sampler, left_pad
 from joyjax.train import checkpoint, sample
 
 MIN_PROMPT_BUCKET = 64  # prompts are left-padded to a power of two at least this long: few compiled shapes
+DEFAULT_DRAFT_TOKENS = 3  # JoyAI-LLM Flash serves its MTP layer with 3 draft tokens (mean acceptance length ~2.2)
 REPL_HELP = ("commands: /think, /no_think (mode for the next turns; '/think TEXT' for one turn), /system TEXT, "
              "/reset, /exit, /help")
 
@@ -92,16 +97,30 @@ class TextStream:
     return piece
 
 
+def draft_tokens_for(cfg, requested: int | None) -> int:
+  """Draft tokens per decode step: ``requested``, or by default ``DEFAULT_DRAFT_TOKENS`` where the model has an
+  MTP module (``model.mtp.num_layers`` > 0) and 0 where it has none. ConfigError when drafting is asked of a
+  model without one."""
+  has_mtp = int(cfg.model.mtp.num_layers) > 0
+  if requested is None:
+    return DEFAULT_DRAFT_TOKENS if has_mtp else 0
+  if requested < 0 or (requested > 0 and not has_mtp):
+    raise ConfigError(f"--draft-tokens {requested}: MTP speculative decoding drafts with the model's MTP module "
+                      "and this checkpoint has none (model.mtp.num_layers = 0); use --draft-tokens 0")
+  return int(requested)
+
+
 class ChatSession:
   """A conversation with a model: ``history`` (messages), ``render_prompt(think)`` (the ids a reply would
   continue), ``reply(text, think)`` (the next assistant turn, streamed as text pieces; see the module
   docstring)."""
 
   def __init__(self, cfg, params, tokenizer: Tokenizer, *, template=None, system: str = "", thinking: bool = False,
-               decoding: Decoding | None = None):
+               decoding: Decoding | None = None, draft_tokens: int | None = None):
     self.cfg, self.params, self.tokenizer, self.template = cfg, params, tokenizer, template
     self.thinking = thinking
     self.decoding = decoding or Decoding()
+    self.draft_tokens = draft_tokens_for(cfg, draft_tokens)
     self.history: list[dict] = []
     self.turns = 0
     self.stop_ids = tuple(i for i in (tokenizer.eos_id,) if i is not None)
@@ -166,14 +185,14 @@ class ChatSession:
       self._commit(text, stream.text(), think)
 
   def _token_chunks(self, ids: list[int], budget: int, key) -> Iterator[list[int]]:
-    """The reply's new token ids in the order they are produced (the stop token included when it comes).
-    The batch sampler gives them as one chunk once the reply is complete."""
+    """The reply's new token ids as the sampler's stream produces them, one chunk per decode step (one token, or
+    1 .. k + 1 with k draft tokens); the stop token included when it comes."""
     p, r = self._shape(len(ids), budget)
     tokens, lens = left_pad([ids], p, self.tokenizer.pad_id)
     d = self.decoding
-    out = self._sampler(p, r)(self.params, tokens, lens, key, temperature=d.temperature, top_p=d.top_p,
-                              top_k=d.top_k, stop_ids=self.stop_ids, max_new=budget).fetch()
-    yield out.tokens[0, p:p + int(out.lengths[0])].tolist()
+    for new in self._sampler(p, r).stream(self.params, tokens, lens, key, temperature=d.temperature, top_p=d.top_p,
+                                          top_k=d.top_k, stop_ids=self.stop_ids, max_new=budget):
+      yield new.tolist()
 
   def _shape(self, n: int, budget: int) -> tuple[int, int]:
     """(padded prompt length, new-token capacity) for an ``n``-token prompt and a ``budget`` (``max_tokens``
@@ -185,7 +204,7 @@ class ChatSession:
 
   def _sampler(self, p: int, r: int) -> Sampler:
     if (p, r) not in self._samplers:
-      self._samplers[(p, r)] = Sampler(self.cfg, max_prompt_len=p, max_new_tokens=r)
+      self._samplers[(p, r)] = Sampler(self.cfg, max_prompt_len=p, max_new_tokens=r, draft_tokens=self.draft_tokens)
     return self._samplers[(p, r)]
 
   def _commit(self, user: str, generated: str, think: bool) -> None:
@@ -212,7 +231,8 @@ def chat_template(cfg, tokenizer_path: str):
   return chat_format.template_from_config(cfg)
 
 
-def open_session(path, *, system: str = "", thinking: bool = False, decoding: Decoding | None = None) -> ChatSession:
+def open_session(path, *, system: str = "", thinking: bool = False, decoding: Decoding | None = None,
+                 draft_tokens: int | None = None) -> ChatSession:
   """A ``ChatSession`` with the model of checkpoint ``path`` (``sample.load_checkpoint``: a run's output_dir or a
   params checkpoint with its config), its saved tokenizer and the run's chat template. CheckpointError when the
   checkpoint holds no tokenizer."""
@@ -223,7 +243,7 @@ def open_session(path, *, system: str = "", thinking: bool = False, decoding: De
   tokenizer = load_tokenizer(loaded.tokenizer_path)
   check_vocab_fits(tokenizer, loaded.cfg.model.vocab_size, source=loaded.tokenizer_path)
   return ChatSession(loaded.cfg, loaded.params, tokenizer, template=chat_template(loaded.cfg, loaded.tokenizer_path),
-                     system=system, thinking=thinking, decoding=decoding)
+                     system=system, thinking=thinking, decoding=decoding, draft_tokens=draft_tokens)
 
 
 # --------------------------------------------------------------------------------------------------- REPL
