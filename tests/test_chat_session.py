@@ -171,6 +171,21 @@ def test_greedy_replies_are_the_batch_samplers_and_render_as_the_format(session,
   assert session.history[:len(kept)] == kept
 
 
+def test_sampled_replies_follow_the_seed(session):
+  """Temperature / top-p sampling through the same compiled stream (settings are traced): a seed reproduces its
+  reply, and different seeds give different replies."""
+  def answer(seed):
+    session.reset()
+    session.decoding = chat.Decoding(temperature=1.0, top_p=0.95, max_tokens=MAX_TOKENS, seed=seed)
+    try:
+      return "".join(session.reply(Q1, False))
+    finally:
+      session.decoding = chat.Decoding(max_tokens=MAX_TOKENS)
+  first = answer(1)
+  assert answer(1) == first
+  assert len({first, answer(2), answer(3)}) > 1
+
+
 def test_draft_tokens_default_and_refusal():
   with_mtp, without = tiny_config(), tiny_config({"model.mtp.num_layers": 0})
   assert chat.draft_tokens_for(with_mtp, None) == chat.DEFAULT_DRAFT_TOKENS

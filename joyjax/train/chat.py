@@ -42,7 +42,6 @@ import sys
 from typing import Iterator, Sequence, TextIO
 
 import jax
-import numpy as np
 
 from joyjax.data import chat as chat_format
 from joyjax.data.tokenizer import Tokenizer, check_vocab_fits, load_tokenizer
@@ -59,7 +58,7 @@ REPL_HELP = ("commands: /think, /no_think (mode for the next turns; '/think TEXT
 @dataclasses.dataclass
 class Decoding:
   """How a reply is generated: ``temperature`` 0 = greedy; ``top_p`` 1 and ``top_k`` 0 = off; ``max_tokens``
-  per reply (fewer when the context runs out); ``seed`` of the sampling keys (turn ``i`` uses
+  per reply (fewer when the context runs out); ``seed`` of the sampling keys (turn ``i`` of a conversation uses
   ``fold_in(key(seed), i)``)."""
   temperature: float = 0.0
   top_p: float = 1.0
@@ -141,8 +140,10 @@ class ChatSession:
     self.history = ([{"role": "system", "content": text}] if text else []) + rest
 
   def reset(self) -> None:
-    """Forgets the conversation; the system prompt stays."""
+    """Forgets the conversation (the system prompt stays) and starts the sampling keys over: a seed gives a new
+    conversation the replies it gave the first."""
     self.history = self.history[:1] if self.system else []
+    self.turns = 0
 
   def render_prompt(self, think: bool | None = None, user: str | None = None) -> list[int]:
     """The ids generation continues from: the history (plus a user turn ``user``), rendered by the chat
