@@ -128,18 +128,6 @@ def test_ctrl_c_stops_a_reply_and_keeps_what_was_shown(monkeypatch, tok, ckpt):
   assert s.history == [{"role": "user", "content": Q1}, {"role": "assistant", "content": "The answer"}]
 
 
-class Pieces(io.StringIO):
-  """A text stream that remembers each write."""
-
-  def __init__(self):
-    super().__init__()
-    self.pieces = []
-
-  def write(self, text):
-    self.pieces.append(text)
-    return super().write(text)
-
-
 def test_greedy_replies_are_the_batch_samplers_and_render_as_the_format(session, tok):
   """Two real turns (thinking, then not): each reply is the batch sampler's greedy continuation of the format's
   rendering of the conversation (the first reply as the history keeps it). The session streams with MTP
@@ -147,10 +135,16 @@ def test_greedy_replies_are_the_batch_samplers_and_render_as_the_format(session,
   than the session's."""
   session.reset()
   assert session.draft_tokens == chat.DEFAULT_DRAFT_TOKENS  # the tiny model has an MTP module: speculation on
-  out1, out2 = Pieces(), Pieces()
-  chat.say_reply(session, Q1, True, out1)
-  chat.say_reply(session, Q2, False, out2)
-  assert len(out1.pieces) > 3 and len(out2.pieces) > 3  # streamed: "<think>", several pieces, "\n"
+  out1, out2 = io.StringIO(), io.StringIO()
+  chunks, token_chunks = [], session._token_chunks
+  session._token_chunks = lambda *a: (chunks.append(c) or c for c in token_chunks(*a))
+  try:
+    chat.say_reply(session, Q1, True, out1)
+    chat.say_reply(session, Q2, False, out2)
+  finally:
+    del session._token_chunks
+  # streamed: the prefill's token, then each step's 1 .. k + 1 tokens
+  assert len(chunks) >= 3 and all(1 <= len(c) <= session.draft_tokens + 1 for c in chunks)
   assert out1.getvalue().startswith(T) and out1.getvalue().endswith("\n") and out2.getvalue().endswith("\n")
   reply1, reply2 = out1.getvalue()[len(T):-1], out2.getvalue()[:-1]
   messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": Q1}]
@@ -196,9 +190,11 @@ def test_draft_tokens_default_and_refusal():
 
 
 def test_a_conversation_over_the_context_is_a_data_error(session):
-  err = io.StringIO()
+  err, out = io.StringIO(), io.StringIO()
   long = " ".join(["apple"] * CONTEXT)
-  chat.repl(session, stdin=io.StringIO(long + "\n"), stdout=io.StringIO(), stderr=err, interactive=False)
+  session.reset()
+  chat.repl(session, stdin=io.StringIO(f"/think {long}\n"), stdout=out, stderr=err, interactive=False)
+  assert out.getvalue() == "" and session.history == [{"role": "system", "content": SYSTEM}]
   line = err.getvalue()
   assert line.count("\n") == 1 and line.startswith("joyjax chat: data error: the conversation is ")
   assert f"is {CONTEXT}" in line and "/reset" in line

@@ -157,8 +157,8 @@ class ChatSession:
   def reply(self, text: str, think: bool | None = None) -> Iterator[str]:
     """Answers the user turn ``text`` (thinking per ``think``, default the session's): yields the reply's text
     pieces as they are decoded and, when it ends (EOS, ``max_tokens``, or closed early: Ctrl-C), appends the
-    user turn and the reply to ``history``. DataError, before anything is generated, for a message the format
-    refuses or a conversation that fills the model's context."""
+    user turn and the reply to ``history``. DataError, raised by this call (before any piece), for a message the
+    format refuses or a conversation that fills the model's context."""
     think = self.thinking if think is None else think
     ids = self.render_prompt(think, text)
     limit = int(self.cfg.model.max_position_embeddings)
@@ -168,6 +168,9 @@ class ChatSession:
     budget = min(int(self.decoding.max_tokens), limit - len(ids))
     key = jax.random.fold_in(jax.random.key(self.decoding.seed), self.turns)
     self.turns += 1
+    return self._pieces(text, think, ids, budget, key)
+
+  def _pieces(self, text: str, think: bool, ids: list[int], budget: int, key) -> Iterator[str]:
     stream = TextStream(self.tokenizer)
     try:
       for chunk in self._token_chunks(ids, budget, key):
@@ -268,9 +271,9 @@ def _read_line(stdin: TextIO, stdout: TextIO, interactive: bool) -> str | None:
 def say_reply(session: ChatSession, text: str, think: bool, out: TextIO) -> None:
   """Streams the reply to ``text`` onto ``out`` (after a ``<think>`` in thinking mode) and ends the line;
   Ctrl-C stops the reply (kept as far as it went)."""
+  pieces = session.reply(text, think)  # a refused turn raises here, before anything is written
   if think:
     out.write(chat_format.THINK)
-  pieces = session.reply(text, think)
   try:
     for piece in pieces:
       out.write(piece)
