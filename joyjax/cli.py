@@ -23,7 +23,7 @@ import numpy as np
 from configs import base as base_config
 from joyjax import model
 from joyjax.axes import MESH_AXES
-from joyjax.config import load_config
+from joyjax.config import QUANT_FORMATS, load_config
 from joyjax.convert import hf
 from joyjax.data.tokenizer import load_tokenizer
 from joyjax.errors import CheckpointError, ConfigError, JoyjaxError
@@ -148,8 +148,10 @@ def cmd_convert(args, overrides):
   else:
     cfg = _config(args, overrides)
     params = checkpoint.load_params(args.params)
-    hf.export_checkpoint(cfg, params, args.out, dtype=args.dtype)
-    print(f"exported {args.params} -> {args.out} (Hugging Face DeepSeek-V3 format)")
+    hf.export_checkpoint(cfg, params, args.out, dtype=args.dtype, quantize=args.quantize)
+    what = {None: "", "fp8": ", FP8 128x128 block-quantized linears",
+            "int4": f", INT4 pack-quantized linears (group {cfg.quant.group_size})"}[args.quantize]
+    print(f"exported {args.params} -> {args.out} (Hugging Face DeepSeek-V3 format{what})")
 
 
 def cmd_train(args, overrides):
@@ -268,7 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
   c.add_argument("--hf-dir", help="import: a HF DeepSeek-V3 / JoyAI checkpoint directory")
   c.add_argument("--params", help="export: a joyjax params checkpoint")
   c.add_argument("--out", required=True, help="a new directory (an existing non-empty one is refused)")
-  c.add_argument("--dtype", default="bfloat16", help="export dtype")
+  c.add_argument("--dtype", default="bfloat16", help="export dtype (of the tensors not quantized)")
+  c.add_argument("--quantize", choices=QUANT_FORMATS[1:], default=None,
+                 help="export: fp8 = DeepSeek-V3's float8_e4m3fn + weight_scale_inv per 128x128 block; int4 = "
+                      "compressed-tensors pack-quantized, groups of quant.group_size along the input, the weights "
+                      "of quant.targets (--config.quant.group_size=32 --config.quant.targets=routed)")
   c.add_argument("--param-dtype", default="float32", help="import dtype")
   pl = with_config("plan", "per-device memory plan for a mesh, from abstract shapes",
                    "joyjax plan --config configs/joyai_flash.py --devices 64 --config.mesh.fsdp=16")
@@ -299,6 +305,8 @@ def main(argv=None):
   args = parser.parse_args(rest)
   if args.command == "convert" and not args.hf_dir and not (args.params and args.config):
     parser.error("convert: give --hf-dir DIR (import) or --params CKPT --config FILE (export)")
+  if args.command == "convert" and args.hf_dir and args.quantize:
+    parser.error("convert: --quantize applies to export (--params); import reads FP8 / INT4 checkpoints as they are")
   if overrides and args.command in ("sample", "chat"):
     parser.error(f"{args.command} takes the config stored in the checkpoint; {overrides[0]} does not apply")
   try:

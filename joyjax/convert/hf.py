@@ -2,9 +2,11 @@
 
 HF linear weights are [out, in]; joyjax kernels are [in, out] with heads split out. Routed experts are stored
 per expert (``mlp.experts.{j}.gate_proj.weight``; the fused ``gate_up_proj`` layout is read too). The MTP
-modules sit at layer index ``num_hidden_layers + k``. FP8 block-quantised weights (``weight_scale_inv``, one
-float32 scale per 128x128 block) are dequantised on the way in. Import streams tensor by tensor into
-preallocated output arrays: host memory is the output plus one tensor.
+modules sit at layer index ``num_hidden_layers + k``. Quantized checkpoints (``convert/quantized.py``) are
+dequantised on the way in: FP8 block-scaled weights (``weight_scale_inv``, one float32 scale per 128x128 block,
+as DeepSeek-V3 ships) and compressed-tensors packed INT4 (``weight_packed`` / ``weight_scale``); export writes
+either on request. Import streams tensor by tensor into preallocated output arrays: host memory is the output
+plus one tensor.
 """
 
 from __future__ import annotations
@@ -15,18 +17,20 @@ import os
 import re
 
 import jax
+import ml_collections
 import ml_dtypes
 import numpy as np
 
 from configs import base as base_config
 from joyjax import model as jmodel
-from joyjax.config import validate
+from joyjax import quant
+from joyjax.config import QUANT_FORMATS, validate
 from joyjax.errors import CheckpointError, ConversionError
+from joyjax.convert import quantized
 from joyjax.convert.safetensors_io import CheckpointFormatError, SafetensorsReader, ShardedWriter
 
 log = logging.getLogger(__name__)
 MODEL_TYPES = ("deepseek_v3", "joyai_llm_flash")
-FP8_BLOCK = 128
 
 
 # -------------------------------------------------------------------------------------------------- config
@@ -231,17 +235,6 @@ def _get(tree, path):
 # ------------------------------------------------------------------------------------------------- import
 
 
-def dequantize_fp8(w: np.ndarray, scale_inv: np.ndarray, block: int = FP8_BLOCK) -> np.ndarray:
-  """FP8 weight [out, in] times its per-block scale [ceil(out/b), ceil(in/b)] -> float32."""
-  out, inp = w.shape
-  want = (-(-out // block), -(-inp // block))
-  if tuple(scale_inv.shape) != want:
-    raise ConversionError(f"weight_scale_inv has shape {tuple(scale_inv.shape)}, expected {want} for a {w.shape} "
-                          f"weight in {block}x{block} blocks")
-  s = np.repeat(np.repeat(np.asarray(scale_inv, np.float32), block, axis=0), block, axis=1)[:out, :inp]
-  return np.asarray(w, np.float32) * s
-
-
 def _fused_experts(reader, prefix, m):
   """transformers-5 fused expert tensors, if the checkpoint uses them."""
   gu, dn = f"{prefix}.mlp.experts.gate_up_proj", f"{prefix}.mlp.experts.down_proj"
@@ -285,7 +278,7 @@ def import_checkpoint(hf_dir: str, *, param_dtype: str = "float32"):
     prefix = hf_name.split(".mlp.experts.")[0] if ".mlp.experts." in hf_name else None
     if prefix in fused:
       continue
-    if hf_name not in reader:
+    if hf_name not in reader and quantized.int4_names(hf_name)[0] not in reader:
       missing.append(hf_name)
       continue
     dest = _get(params, path)
@@ -310,17 +303,23 @@ def _allocate(abstract):
 
 
 def _load_tensor(reader, name, kind, target_shape, used):
+  """One weight as float32 in HF layout: stored plainly, as FP8 with its ``weight_scale_inv`` block scales, or as
+  compressed-tensors packed INT4 (``weight_packed`` / ``weight_scale`` / ``weight_shape``), dequantized."""
   want = _hf_shape(kind, tuple(target_shape))
+  packed = quantized.int4_names(name)
+  if name not in reader and packed[0] in reader:
+    used.update(n for n in packed if n in reader)
+    return quantized.int4_weight(reader, name, want)
   got = reader.shape(name)
   if tuple(got) != tuple(want):
     raise ConversionError(f"tensor {name!r} has shape {tuple(got)}, expected {tuple(want)} from config.json")
   w = reader.get(name)
   used.add(name)
-  scale_name = name[:-len("weight")] + "weight_scale_inv" if name.endswith("weight") else None
-  if scale_name and scale_name in reader:
-    w = dequantize_fp8(w, reader.get(scale_name))
+  scale_name = name + "_scale_inv"
+  if scale_name in reader:
     used.add(scale_name)
-  elif str(w.dtype).startswith("float8"):
+    return quantized.fp8_weight(name, w, reader.get(scale_name))
+  if str(w.dtype).startswith("float8"):
     raise ConversionError(f"tensor {name!r} is FP8 but {scale_name!r} (its block scales) is missing")
   return np.asarray(w, np.float32)
 
@@ -353,37 +352,75 @@ def _stack_of(prefix, m):
 # ------------------------------------------------------------------------------------------------- export
 
 
-def export_checkpoint(cfg, params, out_dir: str, *, dtype: str = "bfloat16", max_shard_bytes: int = 2 << 30):
+def export_checkpoint(cfg, params, out_dir: str, *, dtype: str = "bfloat16", max_shard_bytes: int = 2 << 30,
+                      quantize: str | None = None):
   """Writes ``params`` as a HF DeepSeek-V3 checkpoint (sharded safetensors + index + config.json).
 
   The MTP modules go to layers ``num_hidden_layers + k`` with copies of the embedding and head, as DeepSeek-V3
   checkpoints store them. Params of a LoRA run (``model.lora.rank`` > 0: adapters beside the weights) are
   merged first (``model.merge_lora``: W + alpha / r * A @ B), so the checkpoint never carries adapters.
+
+  ``quantize`` (see ``convert/quantized.py``): None writes every tensor in ``dtype``; "fp8" stores the decoder
+  layers' linear weights as DeepSeek-V3 does (float8_e4m3fn + ``weight_scale_inv`` per 128x128 block); "int4"
+  stores the weights of ``quant.targets`` as compressed-tensors packed INT4 in groups of ``quant.group_size``
+  along the input: exactly the numbers QAT's ``quant.fake_quantize_params`` computes with ``quant.format=int4``.
+  Quantization starts from the float32 params, never from their ``dtype`` rounding; the other tensors are
+  written in ``dtype``.
   """
   np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[dtype]
+  if quantize not in (None,) + QUANT_FORMATS[1:]:
+    raise ConversionError(f"quantize={quantize!r}: expected one of {QUANT_FORMATS[1:]} (or None)")
   m = cfg.model if "model" in cfg else cfg
   if jmodel.has_adapters(params):
     params = jmodel.merge_lora(cfg, params)
     cfg = jmodel.without_lora(cfg)
+  int4_selected = _int4_selection(cfg) if quantize == "int4" else None
   os.makedirs(out_dir, exist_ok=True)
   writer = ShardedWriter(out_dir, max_shard_bytes)
+  unquantized_linears = []
   for hf_name, path, idx, kind in tensor_map(cfg):
     w = np.asarray(_get(params, path))
     if idx is not None:
       w = w[idx]
-    out_dtype = np.float32 if hf_name.endswith("e_score_correction_bias") else np_dtype
-    writer.add(hf_name, _to_hf(np.asarray(w, np.float32), kind).astype(out_dtype))
+    w_hf = _to_hf(np.asarray(w, np.float32), kind)
+    linear = quantized.is_linear(hf_name)
+    if quantize == "fp8" and linear:
+      tensors = quantized.fp8_tensors(hf_name, w_hf)
+    elif quantize == "int4" and linear and _get(int4_selected, path):
+      tensors = quantized.int4_tensors(hf_name, w_hf, cfg.quant.group_size)
+    else:
+      out_dtype = np.float32 if hf_name.endswith("e_score_correction_bias") else np_dtype
+      tensors = [(hf_name, w_hf.astype(out_dtype))]
+      if kind.startswith("linear"):
+        unquantized_linears.append(quantized.module_of(hf_name))
+    for name, array in tensors:
+      writer.add(name, array)
   for k in range(m.mtp.num_layers):
     p = f"model.layers.{m.num_layers + k}"
     writer.add(f"{p}.embed_tokens.weight", np.asarray(params["embed"]["embedding"], np.float32).astype(np_dtype))
     head = np.asarray(jmodel.head_weights(cfg, params), np.float32).T
     writer.add(f"{p}.shared_head.head.weight", head.astype(np_dtype))
+    unquantized_linears.append(f"{p}.shared_head.head")
   writer.close()
   hf = config_to_hf(cfg)
   hf["torch_dtype"] = hf["dtype"] = dtype
+  if quantize == "fp8":
+    hf["quantization_config"] = quantized.fp8_quantization_config()
+  elif quantize == "int4":
+    hf["quantization_config"] = quantized.int4_quantization_config(cfg.quant.group_size, unquantized_linears)
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(hf, f, indent=2)
 
 
+def _int4_selection(cfg):
+  """``quant.selection``'s tree (True where a weight is INT4-quantized) for ``quant.targets``, whatever
+  ``quant.format`` the run trained with (post-training quantization of a float run selects the same weights);
+  a group size that does not divide a selected weight's input dimension is a ConfigError naming the groups."""
+  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  cfg.quant.format = "int4"
+  quant.check(cfg)
+  return quant.selection(cfg)
+
+
 __all__ = ["import_checkpoint", "export_checkpoint", "config_from_hf", "config_to_hf", "tensor_map",
-           "dequantize_fp8", "ConversionError", "CheckpointFormatError"]
+           "ConversionError", "CheckpointFormatError"]
