@@ -135,6 +135,8 @@ def get_config() -> ml_collections.ConfigDict:
   rl.top_p = 1.0                   # nucleus sampling (1 = off)
   rl.top_k = 0                     # top-k sampling (0 = off)
   rl.eval_temperature = 0.0        # held-out evaluation sampling (0 = greedy)
+  rl.draft_tokens = 0              # rollouts with MTP speculative decoding (as train.sample_draft_tokens; 0 = off):
+  #                                  same distribution, the log-probs stay the model's
   rl.num_minibatches = 2           # optimizer updates per pass over a rollout batch
   rl.epochs = 1                    # passes over each rollout batch
   rl.loss = "fiberpo"              # fiberpo | fiberpo_domain | grpo (PPO clip per token) | gspo (sequence ratio)
@@ -204,6 +206,10 @@ def get_config() -> ml_collections.ConfigDict:
   tr.sample_prompt = "def "        # prompt sampled at the end of training ("" skips)
   tr.sample_tokens = 48
   tr.sample_temperature = 0.0      # 0 = greedy
+  # MTP speculative decoding (rl/speculative.py): the first MTP module drafts this many tokens per step, the model
+  # verifies them in one pass; greedy output and the sampling distribution are unchanged (0 = off; needs
+  # model.mtp.num_layers > 0). Used by the end-of-run sample and `joyjax sample`.
+  tr.sample_draft_tokens = 0
   tr.peak_tflops = 0.0             # per-device peak for MFU; 0 = guess from the device kind
 
   # ---------------------------------------------------------------- quantization-aware training (joyjax/quant.py)

@@ -38,6 +38,7 @@ ADVANTAGES = ("group", "group_mean", "none")  # rl.advantage: how rewards become
 PARAM_GROUPS = ("attention", "dense", "shared", "routed")
 LORA_TARGETS = PARAM_GROUPS  # model.lora.targets: which weights get adapters
 QUANT_FORMATS = ("none", "int4", "fp8")  # quant.format: none = off; int4 = group-wise symmetric; fp8 = e4m3 blocks
+MAX_DRAFT_TOKENS = 8  # train.sample_draft_tokens, rl.draft_tokens: MTP speculative decoding drafts per step at most
 
 
 def _all_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
@@ -244,6 +245,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _require(t.batch_size > 0 and t.batch_size % t.grad_accum == 0, "train.batch_size",
            f"must be a positive multiple of train.grad_accum={t.grad_accum}, got {t.batch_size}")
   _require(t.loss_chunk > 0, "train.loss_chunk", "must be positive")
+  for key, k in (("train.sample_draft_tokens", t.sample_draft_tokens), ("rl.draft_tokens", cfg.rl.draft_tokens)):
+    _require(0 <= k <= MAX_DRAFT_TOKENS, key, f"must be 0 (off) .. {MAX_DRAFT_TOKENS}, got {k}")
+    _require(k == 0 or m.mtp.num_layers > 0, key, f"is {k} but drafts come from the MTP module and "
+             "model.mtp.num_layers is 0; set it to 0")
   _require(0.0 <= d.eval_fraction < 1.0, "data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}")
   _require(not (d.eval_path and d.eval_fraction > 0), "data.eval_fraction",
            "evaluate on separate files (data.eval_path) or on a held-out fraction of the training corpus, not both; "

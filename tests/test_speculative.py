@@ -14,8 +14,10 @@ import pytest
 
 from conftest import tiny_config
 from joyjax import model
+from joyjax.errors import ConfigError
 from joyjax.rl import speculative
 from joyjax.rl.sampler import Sampler, left_pad
+from joyjax.train.sample import generate
 
 P, R = 8, 12
 PROMPTS = [[11, 12, 13], [21, 22, 23, 24, 25, 26, 27, 28], [31], [41, 42, 43, 44, 45], [7, 8], [99] * 6]
@@ -242,3 +244,24 @@ def test_greedy_equals_plain_greedy_batch_sizes(cfg, models, batch):
   np.testing.assert_array_equal(got.tokens, want.tokens)
   np.testing.assert_array_equal(got.lengths, want.lengths)
   assert got.acceptance_length() > 1.0
+
+
+def test_config_keys_validated():
+  """train.sample_draft_tokens and rl.draft_tokens: 0 .. 8, and 0 without an MTP module (one-line ConfigError)."""
+  assert tiny_config({"train.sample_draft_tokens": 3, "rl.draft_tokens": 2}).rl.draft_tokens == 2
+  for override in ({"train.sample_draft_tokens": 2, "model.mtp.num_layers": 0},
+                   {"rl.draft_tokens": 1, "model.mtp.num_layers": 0}):
+    with pytest.raises(ConfigError, match="model.mtp.num_layers is 0"):
+      tiny_config(override)
+  with pytest.raises(ConfigError, match="rl.draft_tokens"):
+    tiny_config({"rl.draft_tokens": -1})
+
+
+@pytest.mark.slow  # two more sampler compiles
+def test_generate_with_drafts(cfg, models):
+  """train.sample.generate (text sampling, `joyjax sample`) with train.sample_draft_tokens = 2: the greedy text
+  of drafts off."""
+  params = models["partial"]
+  on = tiny_config({"train.sample_draft_tokens": 2})
+  prompts = [[5, 6, 7, 8], [9, 10, 11, 12]]
+  assert generate(on, params, prompts, max_tokens=10) == generate(cfg, params, prompts, max_tokens=10)

@@ -174,7 +174,7 @@ class Rollouts:
     rl = cfg.rl
     self.cfg, self.rl, self.tokenizer, self.stream = cfg, rl, tokenizer, stream
     self.sampler = Sampler(cfg, max_prompt_len=int(rl.max_prompt_len), max_new_tokens=int(rl.max_new_tokens),
-                           mesh=mesh)
+                           mesh=mesh, draft_tokens=int(rl.draft_tokens))
     self.env = stream.env
     # Rows per process must split over this process's share of the batch axes: pad (and drop) to a multiple.
     width = 1 if mesh is None else rules.data_parallel_size(mesh, rules.get_rules(cfg))

@@ -1,6 +1,7 @@
 """Sampling text from a model through the RL rollout sampler (``joyjax.rl.sampler``: the latent KV cache, one
-prefill, then a ``lax.while_loop`` of single-token decode steps in one jitted function; weights and settings are
-arguments, so new weights do not recompile): plain continuations, chat replies, a checkpoint's sample."""
+prefill, then a ``lax.while_loop`` of decode steps in one jitted function, speculative with MTP drafts when
+``train.sample_draft_tokens`` > 0; weights and settings are arguments, so new weights do not recompile): plain
+continuations, chat replies, a checkpoint's sample."""
 
 from __future__ import annotations
 
@@ -25,18 +26,21 @@ from joyjax.train import checkpoint
 _SAMPLERS: dict = {}
 
 
-def _sampler(cfg, prompt_len: int, max_new: int) -> Sampler:
-  """The rollout sampler for (cfg, prompt length, length), built (and compiled) once per process."""
-  key = (id(cfg), prompt_len, max_new)
+def _sampler(cfg, prompt_len: int, max_new: int, draft_tokens: int) -> Sampler:
+  """The rollout sampler for (cfg, prompt length, length, draft tokens), built (and compiled) once per process."""
+  key = (id(cfg), prompt_len, max_new, draft_tokens)
   if key not in _SAMPLERS:
-    _SAMPLERS[key] = (cfg, Sampler(cfg, max_prompt_len=prompt_len, max_new_tokens=max_new))
+    _SAMPLERS[key] = (cfg, Sampler(cfg, max_prompt_len=prompt_len, max_new_tokens=max_new,
+                                   draft_tokens=draft_tokens))
   return _SAMPLERS[key][1]
 
 
 def generate(cfg, params, prompt_tokens, *, max_tokens: int, temperature: float = 0.0, seed: int = 0,
-             eos_id: int | None = None) -> list[list[int]]:
+             eos_id: int | None = None, draft_tokens: int | None = None) -> list[list[int]]:
   """Continues each prompt (a list of token lists of equal length, or one list) by ``max_tokens`` tokens:
-  greedy when ``temperature`` is 0, else softmax sampling at that temperature. Stops each row at ``eos_id``."""
+  greedy when ``temperature`` is 0, else softmax sampling at that temperature. Stops each row at ``eos_id``.
+  ``draft_tokens``: MTP speculative decoding's drafts per step (None = ``train.sample_draft_tokens``; 0 = off):
+  the same greedy output, the same sampling distribution."""
   if prompt_tokens and isinstance(prompt_tokens[0], int):
     prompt_tokens = [prompt_tokens]
   prompt = np.asarray(prompt_tokens, np.int32)
@@ -49,9 +53,10 @@ def generate(cfg, params, prompt_tokens, *, max_tokens: int, temperature: float 
   b, p = prompt.shape
   if max_tokens <= 0:
     return [[] for _ in range(b)]
-  out = _sampler(cfg, p, int(max_tokens))(params, prompt, np.full((b,), p, np.int32), jax.random.key(seed),
-                                          temperature=max(temperature, 0.0),
-                                          stop_ids=() if eos_id is None else (eos_id,)).fetch()
+  k = int(cfg.train.sample_draft_tokens if draft_tokens is None else draft_tokens)
+  out = _sampler(cfg, p, int(max_tokens), k)(params, prompt, np.full((b,), p, np.int32), jax.random.key(seed),
+                                             temperature=max(temperature, 0.0),
+                                             stop_ids=() if eos_id is None else (eos_id,)).fetch()
   return [row[p:p + n - int(stop)].tolist() for row, n, stop in zip(out.tokens, out.lengths, out.stopped)]
 
 
