@@ -1,6 +1,6 @@
 """One GPU, a few minutes: are the MoE kernels right, how fast are they, and where does a training step go.
 
-Sections (``--only a,b,c,d``), each run in its own process (a crash, an out-of-memory or a poisoned CUDA
+Sections (``--only a,b,c,d,e``), each run in its own process (a crash, an out-of-memory or a poisoned CUDA
 context in one cannot take the others down, and each peak-memory number is that part's alone), each timed,
 each failure recorded in the JSON as an error string:
 
@@ -30,6 +30,10 @@ each failure recorded in the JSON as an error string:
      (float32: the previous numerics' cost), and AdamW).
      ``estimated_step_ms`` adds them up as the step runs them (remat recomputes each block's forward once
      more) to set beside section c's measured step.
+  e  decoding (``benchmarks/decode.py``): the slice's batched sampler (``rl.sampler.Sampler``, params cast to
+     the compute dtype), greedy, batch 1 and 16, 64 prompt + 128 new tokens, draft_tokens 0, 1 and 3: tokens/s,
+     ms per decode step, acceptance length. Its MTP module is random (acceptance ~1), so the speculative rows
+     measure a draft + verify step's cost; ``benchmarks/decode.py --train-mtp`` measures acceptance.
 
 Every section runs joyjax's own code paths (model.init, the model's NNX modules, make_train_step,
 optim.make_optimizer, plan), so ``--tiny`` (CPU-sized widths, ``pallas_interpret``; what
@@ -89,6 +93,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
+import decode as decode_bench  # noqa: E402
 import moe_kernels  # noqa: E402
 from joyjax import kernels, model, optim  # noqa: E402
 from joyjax.batch import LM_KEYS  # noqa: E402
@@ -104,10 +109,14 @@ from joyjax.train.step import make_train_step  # noqa: E402
 
 GIB = 1024 ** 3
 SLICE_CONFIG = os.path.join(ROOT, "configs", "joyai_slice.py")
-SECTIONS = {"a": "kernel correctness", "b": "kernel table", "c": "train step", "d": "per-part breakdown"}
+SECTIONS = {"a": "kernel correctness", "b": "kernel table", "c": "train step", "d": "per-part breakdown",
+            "e": "decoding"}
 # Each section's processes ("units") and their time caps (seconds) on a GPU; a unit also stops at the budget.
-UNITS = {"a": ("a",), "b": ("b",), "c": ("c:muon", "c:adamw"), "d": ("d",)}
-UNIT_CAP_S = {"a": 90, "b": 120, "c:muon": 180, "c:adamw": 150, "d": 200}
+UNITS = {"a": ("a",), "b": ("b",), "c": ("c:muon", "c:adamw"), "d": ("d",), "e": ("e",)}
+UNIT_CAP_S = {"a": 90, "b": 120, "c:muon": 180, "c:adamw": 150, "d": 200, "e": 300}
+# (e) decoding: batch sizes, draft_tokens, prompt and new tokens; the slice's, or tiny.
+DECODE_SHAPE = dict(batches=(1, 16), drafts=(0, 1, 3), prompt_len=64, new_tokens=128)
+TINY_DECODE_SHAPE = dict(batches=(2,), drafts=(0, 2), prompt_len=8, new_tokens=8)
 TINY_CAP_S = 300  # every unit at --tiny (2 busy CPU cores)
 
 # --tiny: the slice's settings (4 layers, MTP, blockwise attention, remat, scan, bf16, Muon) at CPU widths, and
@@ -702,6 +711,29 @@ def _estimate_step(cfg, rows) -> float | None:
 
 # ------------------------------------------------------------------------------------------------ the table
 
+# ------------------------------------------------------------------------------------------------ (e)
+
+def section_e(args, errors: list) -> dict:
+  """Decoding (``benchmarks/decode.py``'s rows): the slice's batched sampler, params in the compute dtype (as
+  served), greedy, at each draft_tokens k. The MTP module is random, so drafts are almost never accepted: the
+  rows measure what a speculative step costs (``step_ms``); a trained module's acceptance length A then gives
+  about A / step_ms tokens per ms per row."""
+  cfg = slice_config(args)
+  shape = TINY_DECODE_SHAPE if args.tiny else DECODE_SHAPE
+  dtype = dtype_of(cfg.model.dtype)
+  cast = lambda x: x.astype(dtype) if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) else x
+  params = jax.block_until_ready(jax.jit(lambda k: jax.tree.map(cast, model.init(cfg, k)))(jax.random.key(0)))
+  rows = decode_bench.run(cfg, params, batches=shape["batches"], drafts=shape["drafts"],
+                          prompt_len=shape["prompt_len"], new_tokens=shape["new_tokens"], iters=args.iters,
+                          warmup=args.warmup, temperature=0.0)
+  for r in rows:
+    r["step_ms"] = r["ms"] / max(r["decode_steps"], 1)
+    if r["compiles"] != 1:
+      errors.append(f"e batch {r['batch']} k {r['draft_tokens']}: the sampler compiled {r['compiles']} times")
+  return {"moe_impl": kernels.resolve_impl(cfg.model.moe.impl), "param_dtype": cfg.model.dtype, **shape,
+          "rows": rows}
+
+
 def _fmt(v, width: int = 0, prec: int = 1) -> str:
   s = "-" if v is None else f"{v:,.{prec}f}"
   return s.rjust(width)
@@ -768,6 +800,18 @@ def format_table(result: dict) -> str:
                      f"{_fmt(r.get('fwd_bwd_tflops'), 8)}{'  ' + r['error'] if r.get('error') else ''}")
       if body.get("estimated_step_ms") is not None:
         lines.append(f"  {'sum of parts as the step runs them':38s} {_fmt(body['estimated_step_ms'], 11, 1)} ms")
+    elif key == "e":
+      body = s.get("e", {})
+      lines.append(f"  {'batch':>5} {'k':>3} {'tokens/s':>11} {'speedup':>8} {'accept':>7} {'ms/step':>8} "
+                   f"{'ms/call':>9} {'first s':>8}")
+      for r in body.get("rows", []):
+        speed = "" if r.get("speedup") is None else f"{r['speedup']:.2f}x"
+        lines.append(f"  {r['batch']:>5} {r['draft_tokens']:>3} {_fmt(r['tokens_per_s'], 11)} {speed:>8} "
+                     f"{r['acceptance_length']:>7.2f} {_fmt(r['step_ms'], 8, 2)} {_fmt(r['ms'], 9)} "
+                     f"{_fmt(r['first_call_s'], 8)}")
+      if body.get("rows"):
+        lines.append(f"  prompt {body['prompt_len']} + {body['new_tokens']} new tokens, greedy, random MTP module "
+                     "(acceptance ~1: ms/step is the cost of a speculative step)")
   lines.append("")
   errs = result["errors"]
   lines.append(f"errors: {len(errs)}" + "".join(f"\n  {x}" for x in errs))
@@ -789,6 +833,8 @@ def run_unit(args, unit: str) -> dict:
     _timed(out["result"], unit, lambda: section_c(args, errors, unit.split(":")[1]), errors, unit)
   elif section == "d":
     _timed(out["result"], unit, lambda: section_d(args, errors), errors, unit)
+  elif section == "e":
+    _timed(out["result"], unit, lambda: section_e(args, errors), errors, unit)
   else:
     raise SystemExit(f"unknown unit {unit!r}")
   return out
@@ -812,7 +858,7 @@ def _tail(text: str, n: int = 6) -> str:
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--tiny", action="store_true", help="CPU-sized shapes (the test); kernels in the interpreter")
-  p.add_argument("--only", default="a,b,c,d", help="comma list of sections: a, b, c, d")
+  p.add_argument("--only", default="a,b,c,d,e", help="comma list of sections: a, b, c, d, e")
   p.add_argument("--steps", type=int, default=None, help="timed train steps per optimizer (default 5; tiny 2)")
   p.add_argument("--iters", type=int, default=None, help="timed runs per kernel / part (default 10; tiny 2)")
   p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 2; tiny 1)")

@@ -1,6 +1,6 @@
 """benchmarks/gpu_suite.py runs end to end at tiny shapes on the CPU (the Pallas kernels in the interpreter), so
 the GPU run's code paths (kernel correctness, the kernel table, the slice's train step with Muon and AdamW, the
-per-part breakdown) never rot; and a failing part is recorded as an error, never a crash of the suite."""
+per-part breakdown, decoding) never rot; and a failing part is recorded as an error, never a crash of the suite."""
 
 import importlib.util
 import json
@@ -30,7 +30,8 @@ def _number(v) -> bool:
   return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
 
 
-# About 1.5 minutes on 2 busy CPU cores (five processes, two train-step compiles, interpret-mode kernels).
+# About 2 minutes on 2 busy CPU cores (six processes, two train-step compiles, interpret-mode kernels, two
+# sampler compiles).
 @pytest.mark.slow
 def test_tiny_suite_runs_every_section_without_errors(tmp_path):
   out = tmp_path / "suite.json"
@@ -40,7 +41,7 @@ def test_tiny_suite_runs_every_section_without_errors(tmp_path):
   res = json.loads(out.read_text())
   assert res["errors"] == [], res["errors"]
   assert res["tiny"] is True and res["device"]["platform"] == "cpu"
-  assert set(res["sections"]) == {"a", "b", "c", "d"}
+  assert set(res["sections"]) == {"a", "b", "c", "d", "e"}
   for sec in res["sections"].values():
     assert _number(sec["seconds"]) and sec["seconds"] > 0
 
@@ -100,9 +101,18 @@ def test_tiny_suite_runs_every_section_without_errors(tmp_path):
   assert parts["optimizer (muon, float32 NS)"]["muon_ns_dtype"] == "float32"
   assert _number(d["estimated_step_ms"]) and d["estimated_step_ms"] > 0
 
+  # (e) decoding: the slice's sampler with and without MTP drafts, one compile each, every row timed.
+  e = res["sections"]["e"]["e"]
+  assert [(r["batch"], r["draft_tokens"]) for r in e["rows"]] == [(2, 0), (2, 2)]
+  for r in e["rows"]:
+    assert r["compiles"] == 1 and r["tokens"] == 2 * 8, r
+    for key in ("tokens_per_s", "ms", "step_ms", "acceptance_length", "speedup"):
+      assert _number(r[key]) and r[key] > 0, (key, r)
+  assert e["rows"][0]["acceptance_length"] == 1.0 and e["rows"][1]["acceptance_length"] >= 1.0
+
   # The table, printed.
   for line in ("== gpu_suite: cpu (cpu)", "(a) kernel correctness", "(b) kernel table", "(c) train step",
-               "(d) per-part breakdown", "bfloat16/swiglu/d_rhs_up", "layer fwd+bwd", "sum of parts", "errors: 0"):
+               "(d) per-part breakdown", "(e) decoding", "bfloat16/swiglu/d_rhs_up", "layer fwd+bwd", "sum of parts", "errors: 0"):
     assert line in proc.stdout, line
 
 

@@ -5,14 +5,17 @@ counts); the sampling-mode token distribution is unchanged (chi-square against t
 forward passes); stop ids and budgets cut an accepted run; one compile; the stream API yields the batch call's
 tokens."""
 
+import importlib.util
+import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import REPO_ROOT, tiny_config
 from joyjax import model
 from joyjax.errors import ConfigError
 from joyjax.rl import speculative
@@ -265,3 +268,18 @@ def test_generate_with_drafts(cfg, models):
   on = tiny_config({"train.sample_draft_tokens": 2})
   prompts = [[5, 6, 7, 8], [9, 10, 11, 12]]
   assert generate(on, params, prompts, max_tokens=10) == generate(cfg, params, prompts, max_tokens=10)
+
+
+@pytest.mark.slow  # two sampler compiles
+def test_decode_benchmark_runs(tmp_path):
+  """benchmarks/decode.py at a tiny size: a row per (batch, k), tokens/s and acceptance, the JSON written."""
+  spec = importlib.util.spec_from_file_location("decode_bench", os.path.join(REPO_ROOT, "benchmarks", "decode.py"))
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  out = tmp_path / "decode.json"
+  res = bench.main(["--batch", "2", "--drafts", "0,2", "--prompt-len", "4", "--new-tokens", "6", "--iters", "1",
+                    "--out", str(out)])
+  assert [(r["batch"], r["draft_tokens"]) for r in res["rows"]] == [(2, 0), (2, 2)]
+  for r in res["rows"]:
+    assert r["tokens"] == 12 and r["tokens_per_s"] > 0 and r["compiles"] == 1 and r["acceptance_length"] >= 1.0
+  assert json.loads(out.read_text())["rows"][1]["speedup"] > 0
