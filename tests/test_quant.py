@@ -10,6 +10,7 @@ import pytest
 from conftest import tiny_config
 from joyjax import model, quant
 from joyjax.errors import ConfigError
+from joyjax.train import loop
 
 
 def _np_int4(w, group_size, axis):
@@ -211,3 +212,10 @@ def test_group_size_must_divide_input_dims():
     quant.check(_qcfg(quant__group_size=48))
   assert "\n" not in str(e.value)
   quant.check(_qcfg(quant__group_size=48, quant__format="fp8"))  # fp8 has no groups
+
+
+def test_objectives_without_qat_refuse_a_quant_format():
+  with pytest.raises(ConfigError, match="quant.format='fp8'.*not dpo"):
+    loop.train(_qcfg(quant__format="fp8"), objective=loop.DPO)
+  with pytest.raises(ConfigError, match="quant.group_size=48"):  # before any data is read
+    loop.train(_qcfg(quant__group_size=48), objective=loop.SFT)

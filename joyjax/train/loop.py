@@ -21,9 +21,11 @@ from typing import Callable
 
 import jax
 
-from joyjax import model, optim
+from joyjax import model, optim, quant
+from joyjax.config import QUANT_FORMATS
 from joyjax.data import pipeline, sft
 from joyjax.data.tokenizer import load_tokenizer
+from joyjax.errors import ConfigError
 from joyjax.model import count_params, format_counts
 from joyjax.parallel import distributed, rules
 from joyjax.parallel.mesh import describe, make_mesh
@@ -63,7 +65,9 @@ class Objective:
     not one jitted function (RL: sample on device, score on the host, update on device); its batches reach the
     step as this process's numpy rows;
   trains_mtp(cfg) -> bool: whether its loss trains the MTP modules; when not, the optimizer freezes them
-    (``optim`` rule 1), so a stage without MTP hands the module on unchanged.
+    (``optim`` rule 1), so a stage without MTP hands the module on unchanged;
+  qat: whether its step and eval quantize (``quant.format``: quantization-aware training); a run of an objective
+    without it and a quant.format set is a config error, never a silently float run.
   """
   name: str
   open_data: Callable
@@ -75,6 +79,7 @@ class Objective:
   step_shape: Callable = lambda cfg: (int(cfg.train.batch_size), int(cfg.data.seq_len))
   make_runtime: Callable | None = None
   trains_mtp: Callable = optim.mtp_trained
+  qat: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,9 +123,9 @@ def _chat_sample(cfg, params, tokenizer):
                      temperature=t.sample_temperature, seed=t.seed)
 
 
-PRETRAIN = Objective("train", _pretrain_data, make_train_step, _lm_eval, sample=_text_sample)
+PRETRAIN = Objective("train", _pretrain_data, make_train_step, _lm_eval, sample=_text_sample, qat=True)
 # SFT is the pretraining step on chat batches: the loss mask keeps the trained (assistant) tokens only.
-SFT = Objective("sft", _sft_data, make_train_step, _lm_eval, sample=_chat_sample)
+SFT = Objective("sft", _sft_data, make_train_step, _lm_eval, sample=_chat_sample, qat=True)
 # DPO: chosen and rejected in one forward; the state carries the reference (or it is precomputed once).
 DPO = Objective("dpo", dpo.open_dpo_objective_data, dpo.make_dpo_step, dpo.make_dpo_eval,
                 init_state=dpo.dpo_state_from_params, sample=_chat_sample, trains_mtp=lambda cfg: False)
@@ -186,6 +191,10 @@ def _train(cfg, objective: Objective, *, stop_after, stream, print_sample: bool,
   distributed.initialize(cfg)  # before jax.process_index(), which would start a single-process backend
   primary = jax.process_index() == 0
   say = (lambda *a: print(*a, file=out, flush=True)) if primary else (lambda *a: None)
+  if cfg.quant.format != QUANT_FORMATS[0] and not objective.qat:
+    raise ConfigError(f"quant.format={cfg.quant.format!r}: quantization-aware training runs in joyjax train and sft, "
+                      f"not {objective.name}; set --config.quant.format=none")
+  quant.check(cfg)  # a group size that does not fit the weights, before any data is read
 
   tokenizer, data, eval_data = _open_data(cfg, objective)  # a data error is the first thing a user sees
   total = int(t.steps)
