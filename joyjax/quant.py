@@ -18,14 +18,17 @@ as a stack of [input, output] matrices: its leading 'layers' / 'expert' axes, th
 flattened), then the rest (flattened) -- the Hugging Face [out, in] matrix transposed, so the groups and blocks here
 are those of the exported checkpoint.
 
-Why not Google's qwix: qwix (0.1.x) quantizes by intercepting ops inside Flax modules (linen ``nn.Dense`` /
-``einsum`` and jax ops via ``QtProvider``/interception while a module is applied) or by rewriting an nnx model's
-modules. joyjax applies its weights as pure arrays (``param[...]`` into einsums, grouped matmuls through our own
-kernels and custom VJPs, expert parallelism inside shard_map), and QAT here only needs one pure function over
-the params dict, chosen per leaf from the model's own parameter metadata. Fake-quantizing the weights before the
-forward pass gives exactly what interception would for weight-only quantization, without routing the MoE kernels
-through qwix's interception or adding a dependency. The formats themselves are ~100 lines of jnp, owned here and
-shared with the exporter (``convert/``), so training and export quantize bit-for-bit the same way.
+Why not Google's qwix (0.1.8, read from its wheel): qwix QAT is ``qwix.quantize_model(model, QtProvider(rules))``:
+it re-traces a Flax module's methods and intercepts the jax primitives they bind (dot_general, einsum, conv,
+ragged_dot), quantizing the operands of each matched op, with rules chosen by regex on the module path. joyjax's
+forward is a pure function of a params dict (``nnx.merge`` per layer stack inside ``model.forward_hidden``), and
+its routed experts -- the main INT4 target -- run through joyjax's own grouped-matmul kernels (Pallas, custom VJP,
+inside shard_map with expert parallelism), which no interception rule reaches. Weight-only fake quantization
+needs none of that: one pure function over the params, choosing each leaf from the metadata the model declared
+for it (no path regexes), before the forward pass -- identical for every MoE backend and sharding. qwix's own
+numerics also differ from the formats specified here (its symmetric int4 uses the bound 7.5 = qmax + 0.5, not 7).
+So the formats are ~100 lines of jnp owned here and shared with the exporter (``convert/``), so training and
+export quantize bit for bit the same way.
 """
 
 from __future__ import annotations
