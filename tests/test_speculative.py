@@ -18,6 +18,7 @@ import pytest
 from conftest import REPO_ROOT, tiny_config
 from joyjax import model
 from joyjax.errors import ConfigError
+from joyjax.parallel.mesh import make_mesh
 from joyjax.rl import speculative
 from joyjax.rl.sampler import Sampler, left_pad
 from joyjax.train.sample import generate
@@ -283,3 +284,20 @@ def test_decode_benchmark_runs(tmp_path):
   for r in res["rows"]:
     assert r["tokens"] == 12 and r["tokens_per_s"] > 0 and r["compiles"] == 1 and r["acceptance_length"] >= 1.0
   assert json.loads(out.read_text())["rows"][1]["speedup"] > 0
+
+
+@pytest.mark.slow  # two sharded compiles on the 8 CPU devices
+def test_mesh_equals_unsharded_with_drafts(models):
+  """fsdp 4 x expert 2 (params and batch sharded as in training, expert parallelism in the MoE layers and the MTP
+  block): the speculative rollout (k = 2, sampled, stop id, budgets) is the unsharded one."""
+  cfg = tiny_config({"mesh.fsdp": 4, "mesh.expert": 2})
+  params = models["partial"]
+  tokens, lens = left_pad(PROMPTS + PROMPTS[:2], P)  # B = 8
+  kw = dict(temperature=0.9, top_k=100, stop_ids=(7,), max_new=[R, 3, R, 2, R, R, 1, R])
+  sharded = Sampler(cfg, max_prompt_len=P, max_new_tokens=R, mesh=make_mesh(cfg), draft_tokens=2)
+  got = sharded(params, tokens, lens, jax.random.key(4), **kw).fetch()
+  want = Sampler(cfg, max_prompt_len=P, max_new_tokens=R, draft_tokens=2)(params, tokens, lens,
+                                                                          jax.random.key(4), **kw).fetch()
+  for name in ("tokens", "positions", "segment_ids", "response_mask", "lengths", "stopped", "steps"):
+    np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+  np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
