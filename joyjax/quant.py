@@ -225,8 +225,13 @@ def fake_quantize_params(cfg, params, step=None):
   def one(i, w):
     if not is_quantized(cfg, i):
       return w
-    view = w.reshape(matrix_shape(i, w.shape))
-    fq = fake_quantize(view, fmt, gs, -2).reshape(w.shape)
+    view = matrix_shape(i, w.shape)
+    if fmt == "int4":  # groups run along the flattened inputs only: keep the output axes (and their sharding)
+      lead = len(view) - 2
+      view = view[:-1] + w.shape[lead + len(i.muon_inputs):]
+      fq = fake_quantize(w.reshape(view), fmt, gs, lead).reshape(w.shape)
+    else:
+      fq = fake_quantize(w.reshape(view), fmt, gs, -2).reshape(w.shape)
     return fq if on is None else jnp.where(on, fq, w)
 
   return jax.tree.map(one, model.param_info(cfg), params, is_leaf=model.is_info)
