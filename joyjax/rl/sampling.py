@@ -39,10 +39,16 @@ def sample_next(logits, key, temperature, top_p, top_k):
 
   ``temperature`` <= 0 is greedy (argmax; log-probs at T = 1). Otherwise softmax sampling at ``temperature``
   among the tokens top-k (``top_k`` > 0) and then top-p (``top_p`` < 1) keep; all settings are traced scalars."""
-  scaled, kept = _truncated(logits, temperature, top_p, top_k)
-  drawn = jax.random.categorical(key, kept, axis=-1)
-  token = jnp.where(temperature <= 0, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
+  token = draw(key, lambda: _truncated(logits, temperature, top_p, top_k)[1], logits, temperature)
   return token, token_logp(logits, token, temperature)
+
+
+def draw(key, log_weights, logits, temperature):
+  """One token per row: the argmax of ``logits`` [b, V] when greedy (``temperature`` <= 0), else a categorical
+  draw from ``log_weights()`` [b, V] (unnormalised log-probabilities, computed only when sampling). Greedy
+  decoding skips the random numbers (a [b, V] Gumbel draw costs more than a tiny model's decode step on a CPU)."""
+  return jax.lax.cond(temperature <= 0, lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32),
+                      lambda: jax.random.categorical(key, log_weights(), axis=-1).astype(jnp.int32))
 
 
 def token_logp(logits, token, temperature):
@@ -56,6 +62,6 @@ def token_logp(logits, token, temperature):
 def filtered_probs(logits, temperature, top_p, top_k):
   """The distribution ``sample_next`` draws from, [b, V] float32: softmax of the tempered logits over the tokens
   top-k / top-p keep; one-hot at the argmax when greedy (``temperature`` <= 0)."""
-  _, kept = _truncated(logits, temperature, top_p, top_k)
-  greedy = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
-  return jnp.where(temperature <= 0, greedy, jax.nn.softmax(kept.astype(jnp.float32), axis=-1))
+  return jax.lax.cond(
+      temperature <= 0, lambda: jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32),
+      lambda: jax.nn.softmax(_truncated(logits, temperature, top_p, top_k)[1].astype(jnp.float32), axis=-1))

@@ -33,13 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from joyjax import model
-from joyjax.rl.sampling import filtered_probs, token_logp
-
-
-def _draw(key, probs, logits, temperature):
-  """One token per row from ``probs`` [b, V] (the argmax of ``logits`` when greedy)."""
-  drawn = jax.random.categorical(key, jnp.log(probs), axis=-1)
-  return jnp.where(temperature <= 0, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
+from joyjax.rl.sampling import draw, filtered_probs, token_logp
 
 
 def _at(x, j):
@@ -69,7 +63,7 @@ def draft(cfg, params, cache, hidden, q_logits, key, temperature, top_p, top_k, 
   drafts, probs = [], []
   for j in range(k):
     q = filtered_probs(q_logits, temperature, top_p, top_k)
-    d = _draw(keys[j], q, q_logits, temperature)
+    d = draw(keys[j], lambda q=q: jnp.log(q), q_logits, temperature)
     drafts.append(d)
     probs.append(q)
     if j + 1 < k:
@@ -93,7 +87,7 @@ def accept(p_logits, drafts, q_probs, key, temperature, top_p, top_k):
   q_next = jnp.concatenate([q_probs, jnp.zeros((b, 1, v), q_probs.dtype)], axis=1)  # no draft after d_k: q = 0
   residual = _at(jnp.maximum(p - q_next, 0.0), accepted)
   residual = jnp.where(jnp.sum(residual, axis=-1, keepdims=True) > 0, residual, _at(p, accepted))  # p == q
-  token = _draw(key_r, residual, _at(p_logits, accepted), temperature)
+  token = draw(key_r, lambda: jnp.log(residual), _at(p_logits, accepted), temperature)
   return accepted.astype(jnp.int32), token
 
 
