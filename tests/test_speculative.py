@@ -111,6 +111,24 @@ def test_stop_ids_and_budgets_cut_accepted_runs(cfg, samplers, models):
   assert samplers[2].compiles() == 1
 
 
+def test_sampled_logprobs_equal_training_forward(cfg, samplers, models):
+  """Sampled with drafts (k = 2, T = 0.8, top-k 50, per-row budgets): each valid response token's log-prob is
+  log_softmax(logits / T) of a training forward pass over the returned layout, what RL's trainer recomputes;
+  0 elsewhere."""
+  params = models["partial"]
+  tokens, lens = left_pad(PROMPTS, P)
+  out = samplers[2](params, tokens, lens, jax.random.key(5), temperature=0.8, top_k=50,
+                    max_new=[R, 5, R, 9, 2, R]).fetch()
+  assert out.acceptance_length() > 1.0
+  logits = model.forward(cfg, params, jnp.asarray(out.tokens), positions=jnp.asarray(out.positions),
+                         segment_ids=jnp.asarray(out.segment_ids))
+  lp = jax.nn.log_softmax(logits[:, :-1] / 0.8, axis=-1)
+  want = np.pad(np.asarray(jnp.take_along_axis(lp, jnp.asarray(out.tokens)[:, 1:, None], axis=-1)[..., 0]),
+                ((0, 0), (1, 0)))
+  np.testing.assert_allclose(out.logprobs, want * out.response_mask, atol=1e-4)
+  assert samplers[2].compiles() == 1
+
+
 @pytest.mark.slow  # compiles the stream's prefill and step (k = 0 and 2) and a batch of one
 def test_stream_yields_the_batch_tokens(cfg, samplers, models):
   """Sampler.stream (one prompt): the concatenated steps equal the batch call's response, greedy and sampled
