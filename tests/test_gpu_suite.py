@@ -112,7 +112,8 @@ def test_tiny_suite_runs_every_section_without_errors(tmp_path):
 
   # The table, printed.
   for line in ("== gpu_suite: cpu (cpu)", "(a) kernel correctness", "(b) kernel table", "(c) train step",
-               "(d) per-part breakdown", "(e) decoding", "bfloat16/swiglu/d_rhs_up", "layer fwd+bwd", "sum of parts", "errors: 0"):
+               "(d) per-part breakdown", "(e) decoding", "bfloat16/swiglu/d_rhs_up", "layer fwd+bwd", "sum of parts",
+               "errors: 0"):
     assert line in proc.stdout, line
 
 
