@@ -7,8 +7,13 @@ Formats (the ones JoyAI-LLM Flash and DeepSeek-V3 ship):
   matrix (ragged edge blocks allowed), the layout of DeepSeek-V3's ``weight_scale_inv``.
 
 QAT: the train state keeps float32 master weights; the loss sees ``fake_quantize(w)`` = dequantize(quantize(w))
-with a straight-through gradient (``w + stop_gradient(q(w) - w)``: the gradient w.r.t. the master weight is the
-gradient w.r.t. the quantized weight), so the model learns weights that survive quantization.
+with a straight-through gradient (``_straight_through``: the forward value is q(w) bit for bit, the gradient w.r.t.
+the master weight is the gradient w.r.t. the quantized weight), so the model learns weights that survive
+quantization, and the weights it trained against are exactly those the exporter writes.
+
+Scales multiply by the constant reciprocal (``amax * (1 / 7)``, ``amax * (1 / 448)``) rather than divide: XLA
+rewrites a division by a constant into that multiplication in compiled code but not always eagerly, so a written
+division would give scales that depend on jit and on the array's shape; the multiplication is the same everywhere.
 
 Which weights (``quant.targets``): each layer tags its matrices with a group when creating them
 (``ParamInfo.group``: attention = the MLA projections, dense = the dense layers' MLP, shared = the shared expert,
@@ -65,7 +70,7 @@ def int4_quantize(w: jax.Array, group_size: int, axis: int) -> tuple[jax.Array, 
   scale 1 (its q is 0). Raises ValueError when group_size does not divide the axis."""
   g, ax = _grouped(jnp.asarray(w, jnp.float32), group_size, axis)
   amax = jnp.max(jnp.abs(g), axis=ax + 1, keepdims=True)
-  scale = jnp.where(amax > 0, amax / INT4_MAX, 1.0)
+  scale = jnp.where(amax > 0, amax * (1.0 / INT4_MAX), 1.0)  # see the module doc
   q = jnp.clip(jnp.round(g / scale), INT4_MIN, INT4_MAX).astype(jnp.int8)
   return q.reshape(w.shape), jnp.squeeze(scale, ax + 1)
 
@@ -119,7 +124,7 @@ def fp8_block_quantize(w2d: jax.Array, block=FP8_BLOCK_SHAPE) -> tuple[jax.Array
   pad = [(0, 0)] * (w.ndim - 2) + [(0, nr * block[0] - rows), (0, nc * block[1] - cols)]
   wp = jnp.pad(w, pad).reshape(w.shape[:-2] + (nr, block[0], nc, block[1]))
   amax = jnp.max(jnp.abs(wp), axis=(-3, -1))
-  scale_inv = jnp.where(amax > 0, amax / FP8_MAX, 1.0)
+  scale_inv = jnp.where(amax > 0, amax * (1.0 / FP8_MAX), 1.0)  # see the module doc
   scaled = w / _expand_blocks(scale_inv, rows, cols, block)
   return jnp.clip(scaled, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn), scale_inv
 
@@ -146,11 +151,22 @@ def quantize_dequantize(w: jax.Array, fmt: str, group_size: int, axis: int) -> j
   raise ValueError(f"unknown quantization format {fmt!r}: expected 'int4' or 'fp8'")
 
 
+@jax.custom_vjp
+def _straight_through(w, dq):
+  """``dq`` in the forward pass, bit for bit (``w + stop_gradient(dq - w)`` rounds about half the elements by an
+  ulp); the incoming gradient passes to ``w`` unchanged, none to ``dq``."""
+  del w
+  return dq
+
+
+_straight_through.defvjp(lambda w, dq: (dq, None), lambda _, g: (g, None))
+
+
 def fake_quantize(w: jax.Array, fmt: str, group_size: int, axis: int) -> jax.Array:
-  """``quantize_dequantize(w)`` in w's dtype with a straight-through (identity) gradient:
-  ``w + stop_gradient(q(w) - w)``. The forward sees the quantized weight; d/dw is the identity."""
+  """``quantize_dequantize(w)`` in w's dtype, exactly, with a straight-through (identity) gradient: the forward sees
+  the quantized weight; d/dw is the identity."""
   dq = quantize_dequantize(w, fmt, group_size, axis).astype(w.dtype)
-  return w + jax.lax.stop_gradient(dq - w)
+  return _straight_through(w, jax.lax.stop_gradient(dq))
 
 
 # ------------------------------------------------------------------------------ which params, and how

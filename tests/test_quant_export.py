@@ -107,8 +107,8 @@ def test_fp8_reimport_exact_and_close(fp8):
   np.testing.assert_array_equal(back["moe_layers"]["attn"]["q_b"][0].reshape(want.shape[1], -1), want.T)
   qat = jax.jit(lambda p: quant.fake_quantize_params(_with(cfg, "fp8"), p))(params)
   for (path, a), b, c in zip(jax.tree_util.tree_leaves_with_path(back), jax.tree.leaves(qat), jax.tree.leaves(params)):
-    # QAT's straight-through form w + (dq - w) may round dq by an ulp; the format itself is matched exactly above
-    np.testing.assert_allclose(a, b, rtol=2.0 ** -22, atol=0, err_msg=jax.tree_util.keystr(path))
+    # what QAT trains against (its straight-through forward value) is what the checkpoint holds, bit for bit
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
   tokens = _tokens(cfg)
   _assert_close_to_unquantized(_logits(cfg2, back, tokens), _logits(cfg, params, tokens))
 
@@ -199,7 +199,7 @@ def test_int32_packing_matches_compressed_tensors():
 
 def test_int4_export_equals_qat(tiny, tmp_path):
   """INT4 export of quant.targets -> import gives exactly QAT's int4 weights (quantize_dequantize of the matrix
-  view; fake_quantize_params up to its straight-through rounding); everything else is unchanged; the tensor
+  view, and fake_quantize_params' forward value, bit for bit); everything else is unchanged; the tensor
   inventory and config.json follow compressed-tensors' pack-quantized layout."""
   cfg = _with(tiny[0], "int4", targets="attention,routed")
   params = tiny[1]
@@ -238,7 +238,7 @@ def test_int4_export_equals_qat(tiny, tmp_path):
   assert n_changed == 3 * 5 + 2 * 3, n_changed  # 5 MLA matrices in 3 stacks (dense, MoE, MTP); 3 routed in 2
   fq = jax.jit(lambda p: quant.fake_quantize_params(cfg, p))(params)
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(fq)):
-    np.testing.assert_allclose(a, b, rtol=2.0 ** -22, atol=0)
+    np.testing.assert_array_equal(a, b)
 
 
 def test_int4_bad_group_size_and_corrupt_scale(tiny, tmp_path):
