@@ -24,11 +24,11 @@ import pytest
 
 import chat_data as cd
 from conftest import REPO_ROOT, tiny_config
-from joyjax import cli, model
+from joyjax import cli, model, quant
 from joyjax.data import chat as chat_format
 from joyjax.errors import ConfigError
 from joyjax.rl.sampler import Sampler, left_pad
-from joyjax.train import chat, checkpoint
+from joyjax.train import chat, checkpoint, sample
 
 SYSTEM = "Answer briefly."
 Q1, Q2, Q3 = "What is 2 + 3?", "Repeat the word apple 2 times.", "What is 1 + 1?"
@@ -318,3 +318,18 @@ def test_terminal_session_two_turns_thinking_then_not(ckpt):
       proc.wait()
     os.close(fd)
   assert "".join(replies) == _expected(ckpt, ["/think", Q1, "/no_think", Q2])
+
+
+def test_a_qat_checkpoint_answers_with_its_quantized_weights(tmp_path, tok):
+  """A model trained with QAT (quant.format set) is sampled and chatted with as served: its selected weights
+  quantized exactly as QAT and the exporter quantize them; the float model's weights are left alone."""
+  cfg = tiny_config({"model.vocab_size": tok.vocab_size, "quant.format": "int4", "quant.group_size": 16})
+  params = jax.tree.map(np.asarray, jax.jit(lambda k: model.init(cfg, k))(jax.random.key(0)))
+  checkpoint.save_params(tmp_path / "q", params, config=cfg.to_dict())
+  loaded = sample.load_checkpoint(tmp_path / "q")
+  want = jax.jit(lambda p: quant.fake_quantize_params(cfg, p))(params)
+  for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(a, b)
+  kv_b = loaded.params["moe_layers"]["attn"]["kv_b"]
+  assert not np.array_equal(kv_b, params["moe_layers"]["attn"]["kv_b"])
+  np.testing.assert_array_equal(loaded.params["embed"]["embedding"], params["embed"]["embedding"])

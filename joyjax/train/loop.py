@@ -32,7 +32,7 @@ from joyjax.parallel.mesh import describe, make_mesh
 from joyjax.train import checkpoint, dpo, flops, harness, rl, state as state_lib
 from joyjax.train.eval import lm_eval_metrics, make_lm_eval_step
 from joyjax.train.metrics import MetricsWriter, Throughput
-from joyjax.train.sample import sample_chat, sample_text
+from joyjax.train.sample import sample_chat, sample_text, served_params
 from joyjax.train.step import make_train_step
 
 
@@ -275,7 +275,7 @@ def _train(cfg, objective: Objective, *, stop_after, stream, print_sample: bool,
                        tokens_per_sec=throughput.steady_tokens_per_sec())
     if (print_sample and objective.sample and t.sample_prompt and progress.finished
         and not progress.interrupted):
-      result.sample = objective.sample(cfg, state["params"], tokenizer)
+      result.sample = objective.sample(cfg, served_params(cfg, state["params"]), tokenizer)
       say("sample:\n" + result.sample)
   ckpt.close()
   return result

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from joyjax import model
+from joyjax import model, quant
 from joyjax.config import from_dict
 from joyjax.data import chat
 from joyjax.data.pipeline import build_tokenizer
@@ -99,11 +99,19 @@ def sample_chat(cfg, params, tokenizer, prompt: str, *, max_tokens: int, tempera
 
 @dataclasses.dataclass
 class LoadedCheckpoint:
-  """A model ready to generate: the config stored with it, its params, and its saved tokenizer (the path of
-  its ``tokenizer.json``, or None for an older run that did not save one)."""
+  """A model ready to generate: the config stored with it, its params (as served: a model trained with QAT,
+  ``quant.format`` set, answers with its quantized weights, ``served_params``), and its saved tokenizer (the path
+  of its ``tokenizer.json``, or None for an older run that did not save one)."""
   cfg: Any
   params: Any
   tokenizer_path: str | None
+
+
+def served_params(cfg, params):
+  """The weights a model answers with: with ``quant.format`` set (a QAT run), its selected weights quantized as the
+  exporter writes them (``quant.fake_quantize_params``), so a sample or a chat shows the quantized model that was
+  trained; the params unchanged otherwise."""
+  return jax.jit(lambda p: quant.fake_quantize_params(cfg, p))(params) if quant.targets(cfg) else params
 
 
 def load_checkpoint(path) -> LoadedCheckpoint:
@@ -119,7 +127,7 @@ def load_checkpoint(path) -> LoadedCheckpoint:
     if stored is not None:  # a params-only checkpoint
       cfg = from_dict(stored)
       params = checkpoint.load_params(path, model.abstract_params(cfg))
-      return LoadedCheckpoint(cfg, params, checkpoint.find_saved_tokenizer(path))
+      return LoadedCheckpoint(cfg, served_params(cfg, params), checkpoint.find_saved_tokenizer(path))
   if not remote and not os.path.isdir(os.path.join(ckpt_root or ".", sub)):
     what = "does not exist" if not os.path.exists(path) else "has no checkpoints/ folder"
     raise CheckpointNotFoundError(f"{path} {what}; give a training run's output_dir (train.output_dir), its "
@@ -132,7 +140,7 @@ def load_checkpoint(path) -> LoadedCheckpoint:
   cfg = from_dict(json_config(ckpt, step))
   params = checkpoint.load_params(ckpt.step_dir(step), model.abstract_params(cfg))
   ckpt.close()
-  return LoadedCheckpoint(cfg, params, checkpoint.find_saved_tokenizer(ckpt_root or "."))
+  return LoadedCheckpoint(cfg, served_params(cfg, params), checkpoint.find_saved_tokenizer(ckpt_root or "."))
 
 
 def sample_from_checkpoint(run_dir, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0,
