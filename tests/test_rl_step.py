@@ -96,8 +96,9 @@ def test_rl_loop_logs_evaluates_and_resumes_to_the_same_rewards(tmp_path):
   assert sorted(whole.losses) == [1, 2]
   log = _log(tmp_path / "a")
   for key in ("reward", "pass_rate", "entropy", "response_length", "gated_tokens", "gated_trajectories",
-              "mean_ratio", "grad_norm", "first_mean_ratio", "sampler_logp_gap"):
+              "mean_ratio", "grad_norm", "first_mean_ratio", "sampler_logp_gap", "acceptance_length"):
     assert key in log[0], key
+  assert log[0]["acceptance_length"] == 1.0  # no drafting: one token per decode step
   assert any(k.startswith("tokens") for k in log[1]), sorted(log[1])  # throughput after the compiling step
   assert "eval/reward" in log[1] and "eval/pass_rate" in log[1]
   assert all(r["first_mean_ratio"] == 1.0 for r in log)
@@ -110,3 +111,14 @@ def test_rl_loop_logs_evaluates_and_resumes_to_the_same_rewards(tmp_path):
   for r in log:
     for key in ("reward", "loss", "entropy", "response_length"):
       assert resumed[r["step"]][key] == r[key], (r["step"], key)
+
+
+@pytest.mark.slow  # speculation itself: tests/test_speculative.py; here the RL loop with it on
+def test_rl_with_mtp_speculation_keeps_the_ratio_exactly_one(tmp_path):
+  """Rollouts drafted by the MTP module (rl.draft_tokens) are still scored with the policy's own log-probs: the
+  first minibatch's ratio stays exactly 1 and the sampler agrees with the trainer; the acceptance length is logged."""
+  cfg = _loop_cfg(tmp_path, 1, **{"model.mtp.num_layers": 1, "rl.draft_tokens": 2, "train.eval_every": 0})
+  loop.train(cfg, objective=loop.RL, print_sample=False)
+  (row,) = _log(tmp_path)
+  assert row["first_mean_ratio"] == 1.0 and row["sampler_logp_gap"] < 1e-4
+  assert 1.0 <= row["acceptance_length"] <= 3.0

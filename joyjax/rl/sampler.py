@@ -55,14 +55,20 @@ class Rollout:
   #                     from the prefill; a speculative step emits 1 .. k + 1 tokens, a plain step 1)
 
   def acceptance_length(self) -> float:
-    """Mean tokens a row emitted per decode step after its first (the prefill's) token: 1 without drafting,
-    1 + mean accepted drafts with it (a step cut short by a stop token or the budget counts as taken)."""
-    after_first = np.maximum(np.asarray(self.lengths) - 1, 0)
-    return float(after_first.sum() / max(int(np.asarray(self.steps).sum()), 1))
+    """``acceptance_length(lengths, steps)`` of this rollout."""
+    return acceptance_length(self.lengths, self.steps)
 
   def fetch(self) -> "Rollout":
     """The same rollout as host numpy arrays."""
     return Rollout(**{f.name: np.asarray(jax.device_get(getattr(self, f.name))) for f in dataclasses.fields(self)})
+
+
+def acceptance_length(lengths, steps) -> float:
+  """Mean tokens a row emitted per decode step after its first (the prefill's) token, over rows with their
+  ``lengths`` and ``steps`` ([B]): 1 without drafting, 1 + mean accepted drafts with it (a step cut short by a
+  stop token or the budget counts as taken)."""
+  after_first = np.maximum(np.asarray(lengths) - 1, 0)
+  return float(after_first.sum() / max(int(np.asarray(steps).sum()), 1))
 
 
 def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -34,7 +34,7 @@ from joyjax.losses.rollout import rollout_logps
 from joyjax.parallel import rules
 from joyjax.rl import envs
 from joyjax.rl.prompts import PromptStream
-from joyjax.rl.sampler import Sampler
+from joyjax.rl.sampler import Sampler, acceptance_length
 from joyjax.train import dpo, harness, state as state_lib
 from joyjax.train.step import apply_gradients
 
@@ -199,7 +199,7 @@ class Rollouts:
                         top_k=int(self.rl.top_k), stop_ids=self.stop_ids)
     keep = np.concatenate([np.ones(rows, bool), np.zeros(pad, bool)])
     roll = {name: _all_rows(getattr(roll, name)) for name in ("tokens", "positions", "segment_ids", "response_mask",
-                                                            "logprobs", "lengths", "stopped")}
+                                                            "logprobs", "lengths", "stopped", "steps")}
     keep = _all_rows(keep)
     return {k: v[keep] for k, v in roll.items()}, _all_rows(index)
 
@@ -226,6 +226,8 @@ def rollout_metrics(roll: dict, rewards, correct, fmt, prefix: str = "") -> dict
       f"{prefix}format_rate": float(np.mean(fmt)),
       f"{prefix}response_length": float(np.mean(lengths)),
       f"{prefix}stopped": float(np.mean(roll["stopped"])),
+      # tokens per decode step: 1 without MTP speculation (rl.draft_tokens 0), 1 + accepted drafts with it
+      f"{prefix}acceptance_length": acceptance_length(roll["lengths"], roll["steps"]),
   }
 
 
@@ -310,7 +312,7 @@ def evaluate(rollouts: Rollouts, params, seed: int, prefix: str = "eval/") -> di
     scores.append(rollouts.score(roll, index[valid]))
   if not rolls:
     return {}
-  roll = {k: np.concatenate([r[k] for r in rolls]) for k in ("lengths", "stopped")}
+  roll = {k: np.concatenate([r[k] for r in rolls]) for k in ("lengths", "stopped", "steps")}
   rewards, correct, fmt = (np.concatenate(parts) for parts in zip(*scores))
   return rollout_metrics(roll, rewards, correct, fmt, prefix=prefix)
 
