@@ -36,7 +36,12 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 # The train-step compile of even the tiny model takes tens of seconds on 2 CPU cores; tests that compile the
 # same program again (a resumed run, a subprocess) load it from this cache instead.
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from joyjax.convert.safetensors_io import SafetensorsReader, ShardedWriter  # noqa: E402
 
 _CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                                os.path.join(tempfile.gettempdir(), f"joyjax-test-jax-cache-{os.getuid()}"))
@@ -77,6 +82,19 @@ def load_repo_config(name: str, *overrides):
   """``load_config`` of ``configs/<name>.py`` with ``overrides`` (see ``as_overrides``)."""
   from joyjax.config import load_config
   return load_config(repo_config_path(name), as_overrides(*overrides))
+
+
+def rewrite_checkpoint(src, dst, edit):
+  """Copies a single-file safetensors checkpoint ``src`` to ``dst``, passing its tensors through
+  ``edit(dict) -> dict`` (tests of what the importer does with a damaged or altered checkpoint)."""
+  shutil.copytree(src, dst)
+  reader = SafetensorsReader(str(src))
+  tensors = edit({k: np.array(reader.get(k)) for k in reader.keys()})
+  os.remove(os.path.join(dst, "model.safetensors"))
+  w = ShardedWriter(str(dst))
+  for k, v in tensors.items():
+    w.add(k, v)
+  w.close()
 
 
 def tiny_config(*overrides):

@@ -10,10 +10,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import rewrite_checkpoint, tiny_config
 from joyjax import model
 from joyjax.convert import hf
-from joyjax.convert.safetensors_io import CheckpointFormatError, SafetensorsReader, ShardedWriter
+from joyjax.convert.safetensors_io import CheckpointFormatError, SafetensorsReader
 
 
 @pytest.fixture(scope="module")
@@ -25,18 +25,6 @@ def exported(tmp_path_factory):
   out = tmp_path_factory.mktemp("export") / "hf"
   hf.export_checkpoint(cfg, params, str(out), dtype="float32")
   return cfg, params, out
-
-
-def _rewrite(src, dst, edit):
-  """Copies a single-file checkpoint, passing its tensors through ``edit(dict) -> dict``."""
-  shutil.copytree(src, dst)
-  reader = SafetensorsReader(str(src))
-  tensors = edit({k: np.array(reader.get(k)) for k in reader.keys()})
-  os.remove(dst / "model.safetensors")
-  w = ShardedWriter(str(dst))
-  for k, v in tensors.items():
-    w.add(k, v)
-  w.close()
 
 
 def test_mtp_round_trip(exported):
@@ -55,7 +43,7 @@ def test_mtp_round_trip(exported):
 def test_missing_tensor_is_named(exported, tmp_path):
   _, _, out = exported
   name = "model.layers.1.self_attn.kv_b_proj.weight"
-  _rewrite(out, tmp_path / "c", lambda t: {k: v for k, v in t.items() if k != name})
+  rewrite_checkpoint(out, tmp_path / "c", lambda t: {k: v for k, v in t.items() if k != name})
   with pytest.raises(hf.ConversionError, match="missing 1 tensor.*kv_b_proj"):
     hf.import_checkpoint(str(tmp_path / "c"))
 
@@ -63,14 +51,14 @@ def test_missing_tensor_is_named(exported, tmp_path):
 def test_wrong_shape_is_named(exported, tmp_path):
   _, _, out = exported
   name = "model.layers.1.mlp.experts.3.up_proj.weight"
-  _rewrite(out, tmp_path / "c", lambda t: dict(t, **{name: t[name][:-1]}))
+  rewrite_checkpoint(out, tmp_path / "c", lambda t: dict(t, **{name: t[name][:-1]}))
   with pytest.raises(hf.ConversionError, match=r"experts\.3\.up_proj.*shape \(31, 64\), expected \(32, 64\)"):
     hf.import_checkpoint(str(tmp_path / "c"))
 
 
 def test_unexpected_tensor_is_named(exported, tmp_path):
   _, _, out = exported
-  _rewrite(out, tmp_path / "c", lambda t: dict(t, **{"model.layers.1.mlp.experts.8.up_proj.weight":
+  rewrite_checkpoint(out, tmp_path / "c", lambda t: dict(t, **{"model.layers.1.mlp.experts.8.up_proj.weight":
                                                       np.zeros((32, 64), np.float32)}))
   with pytest.raises(hf.ConversionError, match=r"does not know.*experts\.8\.up_proj"):
     hf.import_checkpoint(str(tmp_path / "c"))
@@ -118,7 +106,7 @@ def test_fp8_block_quantized_checkpoint(exported, tmp_path):
       t[k[:-len("weight")] + "weight_scale_inv"] = s
     return t
 
-  _rewrite(out, tmp_path / "fp8", edit)
+  rewrite_checkpoint(out, tmp_path / "fp8", edit)
   cfg2, params2 = hf.import_checkpoint(str(tmp_path / "fp8"))
   reader = SafetensorsReader(str(tmp_path / "fp8"))
   q, s = np.array(reader.get(big)), np.array(reader.get("lm_head.weight_scale_inv"))
@@ -129,7 +117,7 @@ def test_fp8_block_quantized_checkpoint(exported, tmp_path):
   rel = np.abs(params2["moe_layers"]["mlp"]["wi_gate"] - params["moe_layers"]["mlp"]["wi_gate"]).max()
   assert rel < 0.1 * np.abs(params["moe_layers"]["mlp"]["wi_gate"]).max()
   # a quantised weight without its scales is an error naming it
-  _rewrite(tmp_path / "fp8", tmp_path / "noscale", lambda t: {k: v for k, v in t.items()
+  rewrite_checkpoint(tmp_path / "fp8", tmp_path / "noscale", lambda t: {k: v for k, v in t.items()
                                                               if k != name + "_scale_inv"})
   with pytest.raises(hf.ConversionError, match=r"experts\.0\.gate_proj\.weight.*FP8.*weight_scale_inv"):
     hf.import_checkpoint(str(tmp_path / "noscale"))

@@ -13,17 +13,16 @@ logit), so max-abs is bounded at 30% of the largest logit.
 
 import json
 import os
-import shutil
 
 import jax
 import ml_dtypes
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import rewrite_checkpoint, tiny_config
 from joyjax import model, quant
 from joyjax.convert import hf, quantized
-from joyjax.convert.safetensors_io import SafetensorsReader, ShardedWriter
+from joyjax.convert.safetensors_io import SafetensorsReader
 from joyjax.errors import CheckpointError
 
 E4M3_RMS_REL = 2.0 ** -4 / np.sqrt(3)  # RMS relative rounding error of e4m3 at the widest spacing
@@ -141,22 +140,11 @@ def test_fp8_ragged_blocks_unit():
     quantized.fp8_weight("x.weight", q, s[:2])
 
 
-def _rewrite(src, dst, edit):
-  shutil.copytree(src, dst)
-  reader = SafetensorsReader(str(src))
-  tensors = edit({k: np.array(reader.get(k)) for k in reader.keys()})
-  os.remove(dst / "model.safetensors")
-  w = ShardedWriter(str(dst))
-  for k, v in tensors.items():
-    w.add(k, v)
-  w.close()
-
-
 def test_corrupt_scales_are_one_line_checkpoint_errors(fp8, tmp_path):
   from joyjax.cli import error_line
   _, _, out = fp8
   name = "model.layers.1.mlp.experts.2.down_proj.weight_scale_inv"
-  _rewrite(out, tmp_path / "c", lambda t: dict(t, **{name: np.ones((2, 1), np.float32)}))
+  rewrite_checkpoint(out, tmp_path / "c", lambda t: dict(t, **{name: np.ones((2, 1), np.float32)}))
   with pytest.raises(CheckpointError, match=r"experts\.2\.down_proj\.weight_scale_inv has shape \(2, 1\), "
                                             r"expected \(1, 1\)") as e:
     hf.import_checkpoint(str(tmp_path / "c"))
@@ -250,7 +238,7 @@ def test_int4_bad_group_size_and_corrupt_scale(tiny, tmp_path):
   cfg = tiny_config(f"--config.quant.group_size={GROUP}", "--config.quant.targets=routed")
   hf.export_checkpoint(cfg, params, str(tmp_path / "ok"), dtype="float32", quantize="int4")
   name = "model.layers.2.mlp.experts.0.up_proj.weight_scale"
-  _rewrite(tmp_path / "ok", tmp_path / "c", lambda t: dict(t, **{name: np.ones((32, 3), np.float32)}))
+  rewrite_checkpoint(tmp_path / "ok", tmp_path / "c", lambda t: dict(t, **{name: np.ones((32, 3), np.float32)}))
   with pytest.raises(CheckpointError, match=r"experts\.0\.up_proj\.weight_scale has shape \(32, 3\)"):
     hf.import_checkpoint(str(tmp_path / "c"))
 
