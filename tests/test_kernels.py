@@ -286,6 +286,15 @@ def test_permute_sorts_stably_and_counts():
   np.testing.assert_array_equal(np.asarray(x_sorted), np.asarray(x)[tokens])
 
 
+@pytest.mark.parametrize("n", [1, 7, 4096])
+def test_inverse_permutation_is_argsort_of_a_permutation(n):
+  order = jnp.asarray(np.random.default_rng(n).permutation(n), jnp.int32)
+  inv = ops.inverse_permutation(order)
+  np.testing.assert_array_equal(np.asarray(inv), np.argsort(np.asarray(order)))
+  np.testing.assert_array_equal(np.asarray(inv)[np.asarray(order)], np.arange(n))
+  assert inv.dtype == jnp.int32
+
+
 def test_unpermute_round_trip_and_weights():
   x, ids, w = _routing()
   t, k = ids.shape

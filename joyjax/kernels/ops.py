@@ -114,6 +114,13 @@ def permute(x: jax.Array, expert_ids: jax.Array, num_experts: int):
   return _gather_rows(x, order, k), group_sizes, order
 
 
+def inverse_permutation(order: jax.Array) -> jax.Array:
+  """``inv`` with ``inv[order[j]] = j``: one scatter of unique indices, O(n) with no atomics, where
+  ``argsort(order)`` would sort (O(n log n); a full sort pass per call on a GPU)."""
+  n = order.shape[0]
+  return jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32), unique_indices=True)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _gather_rows(x, order, k: int):
   return jnp.take(x, order // k, axis=0)
@@ -124,7 +131,7 @@ def _gather_rows_fwd(x, order, k):
 
 
 def _gather_rows_bwd(k, order, d_sorted):
-  inv = jnp.argsort(order)  # sorted row of (token, slot)
+  inv = inverse_permutation(order)  # sorted row of (token, slot)
   t = order.shape[0] // k
   dx = jnp.take(d_sorted, inv, axis=0).reshape(t, k, -1).sum(axis=1, dtype=jnp.float32)
   return dx.astype(d_sorted.dtype), None
@@ -145,7 +152,7 @@ def unpermute(y_sorted: jax.Array, order: jax.Array, weights: jax.Array) -> jax.
 @jax.custom_vjp
 def _combine(y_sorted, order, weights):
   t, k = weights.shape
-  inv = jnp.argsort(order)  # row of (t, s) in sorted order
+  inv = inverse_permutation(order)  # row of (t, s) in sorted order
   y = jnp.take(y_sorted, inv, axis=0).astype(jnp.float32).reshape(t, k, -1)
   return jnp.einsum("tkn,tk->tn", y, weights.astype(jnp.float32))
 
@@ -162,7 +169,7 @@ def _combine_bwd(res, dout):
   dout = dout.astype(jnp.float32)
   w_sorted = weights.reshape(-1)[order].astype(jnp.float32)
   dy = (jnp.take(dout, order // k, axis=0) * w_sorted[:, None]).astype(y_sorted.dtype)
-  inv = jnp.argsort(order)
+  inv = inverse_permutation(order)
   y = jnp.take(y_sorted, inv, axis=0).astype(jnp.float32).reshape(t, k, -1)
   dw = jnp.einsum("tkn,tn->tk", y, dout).astype(weights.dtype)
   return dy, None, dw
