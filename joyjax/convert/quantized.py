@@ -40,9 +40,9 @@ FP8_SCALE_SUFFIX = "_scale_inv"
 INT4_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape")
 NIBBLES_PER_INT32 = 8
 
-# quant's formats under jit, compiled once per shape: the same arithmetic as QAT's jitted steps (eagerly, XLA's
-# CPU backend divides a 1-element array by a constant exactly but a larger one by multiplying with the
-# reciprocal, so eager scales of single-block matrices would differ from QAT's in the last bit).
+# quant's formats under jit, compiled once per weight shape (a checkpoint repeats a few shapes thousands of times:
+# one compiled program each instead of op-by-op dispatch). The numbers are the same eagerly: quant's scales
+# multiply by constant reciprocals, so jit and shape do not change them.
 _fp8_quantize = jax.jit(quant.fp8_block_quantize)
 _fp8_dequantize = jax.jit(quant.fp8_block_dequantize)
 _int4_quantize = jax.jit(quant.int4_quantize, static_argnums=(1, 2))

@@ -3,8 +3,9 @@
 ``make_lm_eval_step(cfg)`` is ``eval_step(state, batch) -> sums`` (jit it): the next-token cross-entropy of the
 main head summed over the batch's loss tokens, the correct top-1 predictions and the token count (MTP, z-loss and
 balance terms are training losses, not measured here). With ``quant.format`` set, it measures the quantized model
-(what will be served; before ``quant.start_step`` that is post-training quantization of the float weights). ``lm_eval_metrics(sums)`` turns the sums over all eval
-batches into the token-weighted means: ``loss``, ``perplexity`` (exp of the loss), ``accuracy`` and ``tokens``.
+(what will be served; before ``quant.start_step`` that is post-training quantization of the float weights).
+``lm_eval_metrics(sums)`` turns the sums over all eval batches into the token-weighted means: ``loss``,
+``perplexity`` (exp of the loss), ``accuracy`` and ``tokens``.
 """
 
 from __future__ import annotations

@@ -64,7 +64,8 @@ class Objective:
   make_runtime: None, or (cfg, tx, total, Runtime) -> (step, evaluator or None) for an objective whose step is
     not one jitted function (RL: sample on device, score on the host, update on device); its batches reach the
     step as this process's numpy rows;
-  trains_mtp(cfg) -> bool: whether its loss trains the MTP modules; when not, the optimizer freezes them
+  mtp_loss: whether its loss has the MTP term (the LM loss does; DPO and RL do not). ``trains_mtp(cfg)``: that,
+    and the term is on in ``cfg`` (``optim.mtp_trained``); when not, the optimizer freezes the MTP modules
     (``optim`` rule 1), so a stage without MTP hands the module on unchanged;
   qat: whether its step and eval quantize (``quant.format``: quantization-aware training); a run of an objective
     without it and a quant.format set is a config error, never a silently float run.
@@ -78,8 +79,11 @@ class Objective:
   optimizer_steps: Callable = lambda cfg: int(cfg.train.steps)
   step_shape: Callable = lambda cfg: (int(cfg.train.batch_size), int(cfg.data.seq_len))
   make_runtime: Callable | None = None
-  trains_mtp: Callable = optim.mtp_trained
+  mtp_loss: bool = False
   qat: bool = False
+
+  def trains_mtp(self, cfg) -> bool:
+    return self.mtp_loss and optim.mtp_trained(cfg)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,18 +127,18 @@ def _chat_sample(cfg, params, tokenizer):
                      temperature=t.sample_temperature, seed=t.seed)
 
 
-PRETRAIN = Objective("train", _pretrain_data, make_train_step, _lm_eval, sample=_text_sample, qat=True)
+PRETRAIN = Objective("train", _pretrain_data, make_train_step, _lm_eval, sample=_text_sample, mtp_loss=True,
+                     qat=True)
 # SFT is the pretraining step on chat batches: the loss mask keeps the trained (assistant) tokens only.
-SFT = Objective("sft", _sft_data, make_train_step, _lm_eval, sample=_chat_sample, qat=True)
+SFT = Objective("sft", _sft_data, make_train_step, _lm_eval, sample=_chat_sample, mtp_loss=True, qat=True)
 # DPO: chosen and rejected in one forward; the state carries the reference (or it is precomputed once).
 DPO = Objective("dpo", dpo.open_dpo_objective_data, dpo.make_dpo_step, dpo.make_dpo_eval,
-                init_state=dpo.dpo_state_from_params, sample=_chat_sample, trains_mtp=lambda cfg: False)
+                init_state=dpo.dpo_state_from_params, sample=_chat_sample)
 
 
 # RL: each step samples a rollout batch with the policy, scores it on the host and makes several updates.
 RL = Objective("rl", rl.open_rl_data, None, None, init_state=rl.rl_state_from_params, sample=_chat_sample,
-               optimizer_steps=rl.optimizer_steps, step_shape=rl.step_shape, make_runtime=rl.make_rl_runtime,
-               trains_mtp=lambda cfg: False)
+               optimizer_steps=rl.optimizer_steps, step_shape=rl.step_shape, make_runtime=rl.make_rl_runtime)
 
 
 def train(cfg, *, stop_after: int | None = None, stream=None, print_sample: bool = True,
