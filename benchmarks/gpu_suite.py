@@ -24,8 +24,8 @@ each failure recorded in the JSON as an error string:
      modules), each part jitted alone, forward+backward (and the forward alone for the parts remat recomputes):
      attention (an MLA block's norm + attention, with the config's implementation, and beside it the other
      one: ``blockwise`` when that is ``cudnn``; ``xla`` at --tiny), the MoE layer and its pieces (router, permute,
-     routed experts, shared expert, combine), the dense MLP, LM head + chunked cross-entropy (``losses.lm``),
-     the MTP block, and the optimizer update (``optim.make_optimizer`` on all the slice's params: Muon with its
+     routed experts, shared expert, combine), the dense MLP, LM head + chunked cross-entropy (``losses.head``,
+     and beside it the autodiff version it replaced), the MTP block, and the optimizer update (``optim.make_optimizer`` on all the slice's params: Muon with its
      batched Newton-Schulz in the config's ``optim.muon_ns_dtype`` (bfloat16), Muon with the other dtype
      (float32: the previous numerics' cost), and AdamW).
      ``estimated_step_ms`` adds them up as the step runs them (remat recomputes each block's forward once
@@ -99,7 +99,7 @@ from joyjax import kernels, model, optim  # noqa: E402
 from joyjax.batch import LM_KEYS  # noqa: E402
 from joyjax.config import load_config  # noqa: E402
 from joyjax.kernels import pallas_backend  # noqa: E402
-from joyjax.losses import lm  # noqa: E402
+from joyjax.losses import head  # noqa: E402
 from joyjax.model import fused_attention, transformer  # noqa: E402
 from joyjax.model.layers import dtype_of  # noqa: E402
 from joyjax.model.moe import route  # noqa: E402
@@ -617,7 +617,10 @@ def _part_rows(args, cfg, params: dict, res: dict, errors: list) -> list[dict]:
   targets = jax.random.randint(keys[2], (b, s), 0, m.vocab_size, jnp.int32)
   loss_w = jnp.ones((b, s), jnp.float32)
   add("LM head + loss",
-      lambda hid, w, tg, lw: lm.chunked_cross_entropy(hid, w, tg, lw, chunk=cfg.train.loss_chunk)[0],
+      lambda hid, w, tg, lw: head.chunked_cross_entropy(hid, w, tg, lw, chunk=cfg.train.loss_chunk)[0],
+      (x, model.head_weights(cfg, params)), (targets, loss_w), fpt["head"] * t)
+  add("  LM head + loss, autodiff",
+      lambda hid, w, tg, lw: _autodiff_head_loss(hid, w, tg, lw, cfg.train.loss_chunk),
       (x, model.head_weights(cfg, params)), (targets, loss_w), fpt["head"] * t)
 
   if n_mtp:
@@ -626,6 +629,23 @@ def _part_rows(args, cfg, params: dict, res: dict, errors: list) -> list[dict]:
         (_layer(params, transformer.MTP_STACK), emb, x), (positions, segments),
         (fpt["mtp"] / n_mtp - fpt["head"]) * t)
   return rows
+
+
+def _autodiff_head_loss(hidden, head_w, targets, weights, chunk: int):
+  """The chunked cross-entropy as joyjax computed it before ``losses.head``: each chunk under ``jax.checkpoint``
+  and differentiated by autodiff (the logits recomputed, and both backward matmuls fed the float32 cotangent).
+  Timed beside ``head.chunked_cross_entropy`` to show what the hand-written gradient saves."""
+  h, t, w = head.token_chunks(hidden, targets, weights, chunk)
+  hw = head_w.astype(hidden.dtype)
+
+  @jax.checkpoint
+  def one(hc, tc, wc):
+    logits = jnp.einsum("ne,ev->nv", hc, hw, preferred_element_type=jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    tgt = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
+    return jnp.sum((lse - tgt) * wc)
+
+  return jax.lax.scan(lambda acc, xs: (acc + one(*xs), None), jnp.zeros((), jnp.float32), (h, t, w))[0]
 
 
 def _moe_piece_rows(args, cfg, layer: dict, x, impl: str, fpt: dict, res: dict, errors: list) -> list[dict]:

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import tiny_config
 from joyjax import model
-from joyjax.losses import dpo, lm
+from joyjax.losses import dpo, head
 
 # ------------------------------------------------------------------------------------------- dpo_loss
 
@@ -132,13 +132,13 @@ def test_chunked_token_logps_equal_float64_log_softmax(chunk):
   live = rng.random((3, 7)) < 0.7
   hidden[0, 0] = np.nan   # a dead token with a non-finite hidden: exactly 0, and no nan in the gradient
   live[0, 0] = False
-  got = lm.chunked_token_logps(jnp.asarray(hidden), jnp.asarray(head_w), jnp.asarray(targets), jnp.asarray(live),
+  got = head.chunked_token_logps(jnp.asarray(hidden), jnp.asarray(head_w), jnp.asarray(targets), jnp.asarray(live),
                                 chunk=chunk)
   logits = np.nan_to_num(hidden.astype(np.float64)) @ head_w.astype(np.float64)
   lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
   want = np.where(live, np.take_along_axis(logits, targets[..., None], -1)[..., 0] - lse, 0.0)
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
-  gw = jax.grad(lambda w: jnp.sum(lm.chunked_token_logps(jnp.asarray(hidden), w, jnp.asarray(targets),
+  gw = jax.grad(lambda w: jnp.sum(head.chunked_token_logps(jnp.asarray(hidden), w, jnp.asarray(targets),
                                                           jnp.asarray(live), chunk=chunk)))(jnp.asarray(head_w))
   assert np.all(np.isfinite(np.asarray(gw)))
 

@@ -14,9 +14,9 @@ from conftest import REPO_ROOT
 
 SUITE = os.path.join(REPO_ROOT, "benchmarks", "gpu_suite.py")
 
-PARTS = ("attention (MLA block)", "  attention, xla", "MoE layer", "  router", "  permute", "  routed experts", "  shared expert",
-         "  combine", "dense MLP", "LM head + loss", "MTP block", "optimizer (muon)", "optimizer (muon, float32 NS)",
-         "optimizer (adamw)")
+PARTS = ("attention (MLA block)", "  attention, xla", "MoE layer", "  router", "  permute", "  routed experts",
+         "  shared expert", "  combine", "dense MLP", "LM head + loss", "  LM head + loss, autodiff", "MTP block",
+         "optimizer (muon)", "optimizer (muon, float32 NS)", "optimizer (adamw)")
 
 
 def _load_suite():

@@ -1,6 +1,5 @@
-"""losses/lm.py against references derived from the math: the chunked cross-entropy against an unchunked
-float64 numpy cross-entropy (sums, z-loss, correct count, gradients), the MTP weights of a hand-packed batch
-written out by hand, the denominators, and ``lm_loss`` of the tiny model against its terms recomputed from
+"""losses/lm.py against references derived from the math (the chunked cross-entropy itself is tested in
+test_losses_head.py): the MTP weights of a hand-packed batch written out by hand, the denominators, and ``lm_loss`` of the tiny model against its terms recomputed from
 ``model.forward``'s logits, including the gradient-accumulation identity (micro-batches with the full batch's
 denominators sum to the full batch's loss).
 """
@@ -13,129 +12,7 @@ import pytest
 from conftest import tiny_config
 from joyjax import model
 from joyjax.losses import lm
-
-
-def np_cross_entropy(logits, targets, weights):
-  """float64 sums over tokens of w * (log Z - logit[target]), w * (log Z)^2 and w * [argmax == target]; tokens
-  of weight 0 are left out (whatever their logits)."""
-  logits = np.asarray(logits, np.float64)
-  l = logits.reshape(-1, logits.shape[-1])
-  t = np.asarray(targets).reshape(-1)
-  w = np.asarray(weights, np.float64).reshape(-1)
-  live = w != 0
-  l, t, w = l[live], t[live], w[live]
-  m = l.max(-1)
-  lse = m + np.log(np.exp(l - m[:, None]).sum(-1))
-  tgt = l[np.arange(len(t)), t]
-  return (w * (lse - tgt)).sum(), (w * lse ** 2).sum(), (w * (l.argmax(-1) == t)).sum()
-
-
-# ------------------------------------------------------------------------------------ chunked cross-entropy
-
-B, S, E, V = 3, 7, 16, 50   # 21 tokens: chunks of 4, 5 and 8 leave a ragged last chunk
-
-
-def _problem(seed=0):
-  rng = np.random.default_rng(seed)
-  hidden = rng.normal(size=(B, S, E)).astype(np.float32)
-  head_w = (rng.normal(size=(E, V)) / np.sqrt(E) * 3).astype(np.float32)  # logits of a few units
-  targets = rng.integers(0, V, (B, S))
-  # A third of the tokens predict their own argmax, so the correct count is neither 0 nor everything.
-  argmax = (hidden.astype(np.float64) @ head_w.astype(np.float64)).argmax(-1)
-  hit = rng.random((B, S)) < 0.35
-  targets = np.where(hit, argmax, targets).astype(np.int32)
-  weights = rng.choice(np.array([0.0, 1.0, 1.0, 1.0, 0.5, 2.0], np.float32), size=(B, S))
-  weights[0, 0] = weights[2, 6] = 0.0   # the first and the last token
-  weights[1, 3] = 1.0
-  return hidden, head_w, targets, weights
-
-
-@pytest.mark.parametrize("chunk", [1, 4, 5, 7, 8, 21, 64])
-def test_chunked_sums_equal_full_float64_cross_entropy(chunk):
-  hidden, head_w, targets, weights = _problem()
-  ce, z, correct = lm.chunked_cross_entropy(jnp.asarray(hidden), jnp.asarray(head_w), jnp.asarray(targets),
-                                            jnp.asarray(weights), chunk=chunk)
-  want = np_cross_entropy(hidden.astype(np.float64) @ head_w.astype(np.float64), targets, weights)
-  assert ce.dtype == z.dtype == correct.dtype == jnp.float32
-  np.testing.assert_allclose(float(ce), want[0], rtol=2e-6)
-  np.testing.assert_allclose(float(z), want[1], rtol=2e-6)
-  assert 0 < want[2] < weights.sum()
-  assert float(correct) == want[2]
-
-
-def test_weight_zero_tokens_contribute_exactly_nothing_even_when_non_finite():
-  hidden, head_w, targets, weights = _problem(1)
-  dead = weights == 0
-  assert dead.sum() >= 3
-  rows = np.argwhere(dead)
-  bad = hidden.copy()
-  bad[tuple(rows[0])] = np.nan                    # nan logits
-  bad[tuple(rows[1])] = np.inf                    # +-inf (and nan) logits
-  bad[tuple(rows[2])] = 1e38                      # overflows to inf in the float32 matmul
-  for chunk in (3, 21):
-    got = lm.chunked_cross_entropy(jnp.asarray(bad), jnp.asarray(head_w), jnp.asarray(targets),
-                                   jnp.asarray(weights), chunk=chunk)
-    clean = lm.chunked_cross_entropy(jnp.asarray(hidden), jnp.asarray(head_w), jnp.asarray(targets),
-                                     jnp.asarray(weights), chunk=chunk)
-    for a, b in zip(got, clean):
-      assert np.isfinite(float(a)) and float(a) == float(b)   # bitwise: the dead tokens add exact zeros
-  # and all-zero weights give exact zeros
-  zero = lm.chunked_cross_entropy(jnp.asarray(bad), jnp.asarray(head_w), jnp.asarray(targets),
-                                  jnp.zeros((B, S), jnp.float32), chunk=4)
-  assert [float(x) for x in zero] == [0.0, 0.0, 0.0]
-
-
-def _analytic_grads(hidden, head_w, targets, weights, z_weight):
-  """float64 gradients of sum w * (lse - logit[t]) + z_weight * sum w * lse^2: d/dlogits = w * (p - onehot) +
-  2 z_weight w lse p; then d/dhidden = dlogits @ W^T, d/dW = hidden^T @ dlogits."""
-  h = hidden.reshape(-1, E).astype(np.float64)
-  w64 = head_w.astype(np.float64)
-  logits = h @ w64
-  m = logits.max(-1, keepdims=True)
-  lse = m + np.log(np.exp(logits - m).sum(-1, keepdims=True))
-  p = np.exp(logits - lse)
-  onehot = np.eye(V)[targets.reshape(-1)]
-  w = weights.reshape(-1, 1).astype(np.float64)
-  d = w * (p - onehot) + 2 * z_weight * w * lse * p
-  return (d @ w64.T).reshape(hidden.shape), h.T @ d
-
-
-@pytest.mark.parametrize("chunk", [4, 21])
-def test_chunked_gradient_equals_full_reference(chunk):
-  hidden, head_w, targets, weights = _problem(2)
-  t, w = jnp.asarray(targets), jnp.asarray(weights)
-
-  def chunked(h, hw):
-    ce, z, correct = lm.chunked_cross_entropy(h, hw, t, w, chunk=chunk)
-    return ce + 0.1 * z + correct     # the correct count carries no gradient
-
-  def full(h, hw):
-    logits = jnp.einsum("bse,ev->bsv", h, hw, precision=jax.lax.Precision.HIGHEST)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    tgt = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-    return jnp.sum(w * (lse - tgt)) + 0.1 * jnp.sum(w * lse ** 2)
-
-  args = (jnp.asarray(hidden), jnp.asarray(head_w))
-  got = jax.jit(jax.grad(chunked, (0, 1)))(*args)
-  ref = jax.jit(jax.grad(full, (0, 1)))(*args)
-  exact = _analytic_grads(hidden, head_w, targets, weights, 0.1)
-  for g, r, x in zip(got, ref, exact):
-    scale = np.abs(x).max()
-    assert scale > 0.1
-    np.testing.assert_allclose(np.asarray(g), x, rtol=0, atol=1e-5 * scale)
-    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=0, atol=1e-5 * scale)
-  assert not np.any(np.asarray(got[0])[weights == 0])   # no gradient reaches weight-0 tokens
-
-
-def test_weight_zero_non_finite_tokens_do_not_reach_the_gradient():
-  """A nan hidden at a weight-0 token (padding, a masked position) changes no gradient, not even d/dhead_w."""
-  hidden, head_w, targets, weights = _problem(1)
-  bad = hidden.copy()
-  bad[tuple(np.argwhere(weights == 0)[0])] = np.nan
-  f = lambda h, hw: lm.chunked_cross_entropy(h, hw, jnp.asarray(targets), jnp.asarray(weights), chunk=4)[0]
-  g_bad = jax.grad(f, 1)(jnp.asarray(bad), jnp.asarray(head_w))
-  g_clean = jax.grad(f, 1)(jnp.asarray(hidden), jnp.asarray(head_w))
-  np.testing.assert_array_equal(np.asarray(g_bad), np.asarray(g_clean))
+from test_losses_head import np_cross_entropy
 
 
 # ---------------------------------------------------------------------------------------- MTP weights

@@ -92,7 +92,9 @@ def test_activation_estimate_and_gathered_weights():
   act = p["activations"]
   assert act["residual"] == (L + MTP) * tokens * H * 2                 # bf16 block inputs, remat full
   assert act["scores"] == 2 * seqs * HEADS * 4096 * 4096 * 4           # f32 scores + probabilities
-  assert act["loss"] == 2 * 4096 * V * 4                               # one loss chunk (train.loss_chunk) of f32 logits + grad
+  # one loss chunk (train.loss_chunk) of f32 logits + grad, and per head (main + MTP) its f32 gradient and the
+  # hidden's bf16 gradient, kept from the forward for the backward
+  assert act["loss"] == 2 * 4096 * V * 4 + (1 + MTP) * (H * V * 4 + tokens * H * 2)
   assert p["activation_bytes"] == act["residual"] + act["layer"] + act["loss"]
   assert act["layer"] > act["scores"]
   # largest gathered block: the MTP module (MoE block + eh_proj + norms), experts still split 4 ways, bf16

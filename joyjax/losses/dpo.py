@@ -5,8 +5,8 @@ row, told apart by ``sequence_ids`` (global index 1..N in the batch, 0 = padding
 sequence (``segment_ids``) and positions restart per sequence, so a sequence's logits do not depend on what else
 shares its row. ``sequence_logps`` sums log p(target) over each sequence's loss tokens (its response) with a
 segment sum into N slots: the same numbers as one forward pass per sequence. The per-token log-probs are computed
-in chunks of ``train.loss_chunk`` tokens under ``jax.checkpoint`` (``losses.lm.chunked_token_logps``: one chunk's
-[chunk, vocab] float32 logits at a time, forward and backward): a 129K vocabulary never materialises as
+in chunks of ``train.loss_chunk`` tokens (``losses.head.chunked_token_logps``: one chunk's [chunk, vocab] float32
+logits at a time, forward and backward): a 129K vocabulary never materialises as
 [batch, seq, vocab].
 
 **Losses** (the definitions of Hugging Face TRL's ``DPOTrainer.dpo_loss``, trl/trainer/dpo_trainer.py). With
@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from joyjax import model
 from joyjax.config import DPO_LOSS_TYPES
 from joyjax.batch import dpo_pairs_per_batch
-from joyjax.losses.lm import chunked_token_logps
+from joyjax.losses.head import chunked_token_logps
 
 DPO_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin",
                "logps/chosen", "logps/rejected")

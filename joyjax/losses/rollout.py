@@ -6,9 +6,9 @@ predicts token j + 1, so the log-prob of token j comes from slot j - 1. Results 
 
 Log-probs are taken at the sampling temperature (``log_softmax(logits / temperature)``): the distribution the
 sampler drew from before any top-p / top-k truncation, so the importance ratio against the sampling policy is
-1 when the weights have not moved. Computed ``train.loss_chunk`` tokens at a time (``losses.lm.chunked_token_logps``,
-as DPO's sequence log-probs are), so a 129K vocabulary never materialises as [rows, seq, vocab]; the entropy (a
-metric) has no gradient.
+1 when the weights have not moved. Computed ``train.loss_chunk`` tokens at a time
+(``losses.head.chunked_token_logps``, as DPO's sequence log-probs are), so a 129K vocabulary never materialises as
+[rows, seq, vocab]; the entropy (a metric) has no gradient.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from joyjax import model
-from joyjax.losses.lm import chunked_token_logps
+from joyjax.losses.head import chunked_token_logps
 
 
 def rollout_logps(cfg, params, batch, *, temperature: float):

@@ -32,7 +32,9 @@ What is counted, per device (bytes)
       and the MLP: dense
       3 * width, or MoE top-k * (hidden + 3 * expert width) + 3 * shared width per token;
     - ``loss``: one cross-entropy chunk of f32 logits and their gradient, 2 * min(loss_chunk, tokens) *
-      vocab / tensor * 4.
+      vocab / tensor * 4, plus what each head's loss (the main one and every trained MTP depth) keeps from its
+      forward for the backward (``losses.head``: the gradient is formed in the forward): the float32 head
+      gradient, hidden * vocab / tensor * 4, and the hidden's gradient, tokens * hidden * b.
   This is an estimate for sizing meshes; XLA's buffer assignment decides the real peak.
 """
 
@@ -105,7 +107,9 @@ def _activations(cfg, sizes: dict, tokens: float, seqs: float, seq_len: int) -> 
   residual = n_layers * tokens * m.hidden_size * b
   if m.remat != "full":  # every other policy keeps each block's working set
     residual = n_layers * layer
-  loss = 2 * min(cfg.train.loss_chunk, tokens) * m.vocab_size / tp * 4
+  heads = 1 + (m.mtp.num_layers if cfg.train.mtp_loss_weight > 0 else 0)
+  loss = (2 * min(cfg.train.loss_chunk, tokens) * m.vocab_size / tp * 4
+          + heads * (m.hidden_size * m.vocab_size / tp * 4 + tokens * m.hidden_size * b))
   return {"residual": residual, "layer": layer, "scores": scores, "loss": loss}
 
 
@@ -222,7 +226,7 @@ def format_plan(p: dict, cfg=None) -> str:
       f"{'  saved block inputs':<44}{g(p['activations']['residual'])}",
       f"{'  one block working set':<44}{g(p['activations']['layer'])}",
       f"{'    of which attention scores (f32)':<44}{g(p['activations']['scores'])}",
-      f"{'  loss chunk (f32 logits + grad)':<44}{g(p['activations']['loss'])}",
+      f"{'  loss (f32 chunk, head gradients)':<44}{g(p['activations']['loss'])}",
       f"{'total':<44}{g(p['total_bytes'])}",
   ]
   if p["device_memory_bytes"] > 0:
