@@ -106,6 +106,12 @@ class Tokenizer:
             f"pad={self.pad_id}, origin={self.origin!r})")
 
 
+def stop_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
+  """The ids generation stops at: the tokenizer's EOS (in the chat format, the end of a turn), or none when it has
+  no EOS token. What the chat session and the RL rollouts pass to the sampler as ``stop_ids``."""
+  return tuple(i for i in (tokenizer.eos_id,) if i is not None)
+
+
 def _find(hf: tokenizers.Tokenizer, kind: str, configured: str | None) -> int | None:
   for name in ((configured,) if configured else ()) + _KNOWN[kind]:
     i = hf.token_to_id(name)

@@ -44,7 +44,7 @@ from typing import Iterator, Sequence, TextIO
 import jax
 
 from joyjax.data import chat as chat_format
-from joyjax.data.tokenizer import Tokenizer, check_vocab_fits, load_tokenizer
+from joyjax.data.tokenizer import Tokenizer, check_vocab_fits, load_tokenizer, stop_ids
 from joyjax.errors import CheckpointError, ConfigError, DataError
 from joyjax.rl.sampler import Sampler, left_pad
 from joyjax.train import checkpoint, sample
@@ -122,7 +122,7 @@ class ChatSession:
     self.draft_tokens = draft_tokens_for(cfg, draft_tokens)
     self.history: list[dict] = []
     self.turns = 0
-    self.stop_ids = tuple(i for i in (tokenizer.eos_id,) if i is not None)
+    self.stop_ids = stop_ids(tokenizer)
     self._samplers: dict[tuple[int, int], Sampler] = {}
     bos, eos = chat_format._bos_eos(tokenizer, template)
     self._control = chat_format._control_pattern(tokenizer, bos, eos)

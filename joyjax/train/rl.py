@@ -28,6 +28,7 @@ from jax.experimental import multihost_utils
 from joyjax import model
 from joyjax.batch import ROLLOUT_KEYS
 from joyjax.data import chat
+from joyjax.data.tokenizer import stop_ids
 from joyjax.errors import ConfigError
 from joyjax.losses import policy
 from joyjax.losses.rollout import rollout_logps
@@ -180,7 +181,7 @@ class Rollouts:
     width = 1 if mesh is None else rules.data_parallel_size(mesh, rules.get_rules(cfg))
     self.local_multiple = max(1, width // jax.process_count())
     self.reward = envs.make_reward(rl, self.env, tokenizer=tokenizer)
-    self.stop_ids = tuple(i for i in (tokenizer.eos_id,) if i is not None)
+    self.stop_ids = stop_ids(tokenizer)
     self.domains = sorted({p.domain for p in self.env.prompts()})
     self.domain_id = {d: i for i, d in enumerate(self.domains)}
 
