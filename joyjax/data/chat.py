@@ -430,7 +430,9 @@ def add_chat_tokens(tokenizer: Tokenizer) -> Tokenizer:
 # ------------------------------------------------------------------------------------------ rendering
 
 
-def _bos_eos(tokenizer: Tokenizer | None, template: ChatTemplate | None = None) -> tuple[str, str]:
+def bos_eos(tokenizer: Tokenizer | None, template: ChatTemplate | None = None) -> tuple[str, str]:
+  """The (BOS, EOS) strings a conversation is rendered with: the template's own tokens where it names them, else
+  the tokenizer's BOS / EOS tokens as text, else DeepSeek's (``DEFAULT_BOS``, ``DEFAULT_EOS``)."""
   bos = template.bos_token if template is not None else None
   eos = template.eos_token if template is not None else None
   if tokenizer is not None:
@@ -500,8 +502,9 @@ def _render_builtin(messages: Sequence[dict], *, bos: str, eos: str, thinking: b
 _CONTROL: dict[tuple[str, bool], re.Pattern] = {}
 
 
-def _control_pattern(tokenizer: Tokenizer, bos: str, eos: str) -> re.Pattern:
-  """Strings no message text may contain: the tokenizer's special tokens, the chat markers, BOS and EOS."""
+def control_pattern(tokenizer: Tokenizer, bos: str, eos: str) -> re.Pattern:
+  """A compiled regex matching any string no message text may contain: the tokenizer's special tokens, the chat
+  markers, ``bos`` and ``eos`` (longest first). Cached per tokenizer and (bos, eos)."""
   key = (tokenizer.fingerprint, bos + "\0" + eos)
   pat = _CONTROL.get(key)
   if pat is None:
@@ -529,8 +532,8 @@ def _prepare(messages, tokenizer: Tokenizer, template: ChatTemplate | None, thin
   msgs = _normalize(messages, "", require_assistant=require_assistant)
   if not thinking:  # non-thinking mode: the reasoning is not shown to any template
     msgs = [{k: v for k, v in m.items() if k != "reasoning_content"} for m in msgs]
-  bos, eos = _bos_eos(tokenizer, template)
-  _check_text(msgs, _control_pattern(tokenizer, bos, eos))
+  bos, eos = bos_eos(tokenizer, template)
+  _check_text(msgs, control_pattern(tokenizer, bos, eos))
   return msgs, bos, eos
 
 
@@ -629,7 +632,7 @@ def parse(text: str, tokenizer: Tokenizer | None = None) -> list[dict]:
   ``tokenizer`` names the BOS / EOS strings (default DeepSeek's). Parsing a prompt plus a generated reply gives
   the reply as the last assistant message (an unterminated reply or think block is read as far as it goes).
   """
-  bos, eos = _bos_eos(tokenizer)
+  bos, eos = bos_eos(tokenizer)
   if text.startswith(bos):
     text = text[len(bos):]
   pieces = _TURN.split(text)

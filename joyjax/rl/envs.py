@@ -395,7 +395,7 @@ def response_answer(response: str, *, thinking: bool, tokenizer: Tokenizer | Non
   opening = chat.THINK if thinking else chat.THINK + chat.END_THINK
   reply = chat.parse(chat.ASSISTANT + opening + response, tokenizer)[0]
   if thinking:  # the turn as parse reads it: up to EOS or the next turn marker
-    _, eos = chat._bos_eos(tokenizer)
+    _, eos = chat.bos_eos(tokenizer)
     if chat.END_THINK not in chat._TURN.split(response.split(eos, 1)[0], 1)[0]:
       return None
   return reply["content"]

@@ -124,8 +124,8 @@ class ChatSession:
     self.turns = 0
     self.stop_ids = stop_ids(tokenizer)
     self._samplers: dict[tuple[int, int], Sampler] = {}
-    bos, eos = chat_format._bos_eos(tokenizer, template)
-    self._control = chat_format._control_pattern(tokenizer, bos, eos)
+    bos, eos = chat_format.bos_eos(tokenizer, template)
+    self._control = chat_format.control_pattern(tokenizer, bos, eos)
     self.set_system(system)
 
   # ---------------------------------------------------------------------------------------- conversation
