@@ -23,11 +23,13 @@ each failure recorded in the JSON as an error string:
   d  a per-part breakdown at the slice's real shapes (its params from ``model.init``, the model's own NNX
      modules), each part jitted alone, forward+backward (and the forward alone for the parts remat recomputes):
      attention (an MLA block's norm + attention, with the config's implementation, and beside it the other
-     one: ``blockwise`` when that is ``cudnn``; ``xla`` at --tiny), the MoE layer and its pieces (router, permute,
+     one: ``blockwise`` when that is ``cudnn``, and cuDNN with the documents in its packed layout,
+     ``model.attention_max_segments``; ``xla`` at --tiny), the MoE layer and its pieces (router, permute,
      routed experts, shared expert, combine), the dense MLP, LM head + chunked cross-entropy (``losses.head``,
-     and beside it the autodiff version it replaced), the MTP block, and the optimizer update (``optim.make_optimizer`` on all the slice's params: Muon with its
-     batched Newton-Schulz in the config's ``optim.muon_ns_dtype`` (bfloat16), Muon with the other dtype
-     (float32: the previous numerics' cost), and AdamW).
+     and beside it the autodiff version it replaced), the MTP block, and the optimizer update
+     (``optim.make_optimizer`` on all the slice's params: Muon with its batched Newton-Schulz in the config's
+     ``optim.muon_ns_dtype`` (bfloat16), Muon with the other dtype (float32: the previous numerics' cost), and
+     AdamW).
      ``estimated_step_ms`` adds them up as the step runs them (remat recomputes each block's forward once
      more) to set beside section c's measured step.
   e  decoding (``benchmarks/decode.py``): the slice's batched sampler (``rl.sampler.Sampler``, params cast to
@@ -589,6 +591,14 @@ def _part_rows(args, cfg, params: dict, res: dict, errors: list) -> list[dict]:
     add(f"  attention, {alt}", functools.partial(_attention, acfg.model, stack), (attn_p, x),
         (attn_rest, positions, segments), attn_flops, forward=True)
     rows[-1]["impl"] = alt
+  if main == "cudnn" and not m.attention_max_segments:
+    # The documents in cuDNN's packed layout (fused_attention.segment_runs) instead of a [seq, seq] mask: on a
+    # GPU without it (before Hopper) the model falls back to the mask, and the row says so.
+    pcfg = cfg.copy_and_resolve_references()
+    pcfg.model.attention_max_segments = PACKED_SEGMENTS
+    add("  attention, cudnn packed", functools.partial(_attention, pcfg.model, stack), (attn_p, x),
+        (attn_rest, positions, segments), attn_flops, forward=True)
+    rows[-1]["impl"] = "cudnn" if fused_attention.packed_segments(PACKED_SEGMENTS) else "cudnn (mask: not Hopper)"
   del attn_p, attn_rest
 
   if n_moe:
@@ -629,6 +639,9 @@ def _part_rows(args, cfg, params: dict, res: dict, errors: list) -> list[dict]:
         (_layer(params, transformer.MTP_STACK), emb, x), (positions, segments),
         (fpt["mtp"] / n_mtp - fpt["head"]) * t)
   return rows
+
+
+PACKED_SEGMENTS = 8   # section d's packed-layout attention row: documents per row it takes without the mask
 
 
 def _autodiff_head_loss(hidden, head_w, targets, weights, chunk: int):

@@ -32,6 +32,10 @@ def get_config() -> ml_collections.ConfigDict:
   # auto (cudnn where it can run, blockwise elsewhere).
   m.attention_impl = "xla"
   m.attention_block = 512          # blockwise: query and key block length
+  # cudnn on Hopper+: pass each row's documents in cuDNN's packed layout (no [seq, seq] mask or bias) when no row
+  # holds more than this many documents (a padding tail counts as one); other batches use the mask. 0 = always
+  # the mask.
+  m.attention_max_segments = 0
 
   a = m.attention = ml_collections.ConfigDict()
   a.num_heads = 32

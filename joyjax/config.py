@@ -178,6 +178,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _require(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl",
            f"must be one of {ATTENTION_IMPLS}, got {m.attention_impl!r}")
   _require(m.attention_block >= 1, "model.attention_block", f"must be >= 1, got {m.attention_block}")
+  _require(m.attention_max_segments >= 0, "model.attention_max_segments",
+           f"must be >= 0 (0 = documents as a mask), got {m.attention_max_segments}")
   _require(a.num_heads > 0, "model.attention.num_heads", "must be positive")
   _require(a.q_lora_rank >= 0, "model.attention.q_lora_rank", "must be >= 0 (0 = full-rank q projection)")
   for key in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):

@@ -14,7 +14,7 @@ from flax import nnx
 
 from joyjax.model import adapters
 from joyjax.model.blockwise import NEG_INF, blockwise_attention
-from joyjax.model.fused_attention import mla_dot_product_attention, resolve_attention_impl
+from joyjax.model.fused_attention import mla_dot_product_attention, packed_segments, resolve_attention_impl
 from joyjax.model.layers import RMSNorm, apply_rope, param, rope_frequencies, softmax_scale
 
 
@@ -55,6 +55,7 @@ class MLA(nnx.Module):
     self.scale = softmax_scale(a, cfg.rope)
     self.impl = cfg.attention_impl
     self.block = int(cfg.attention_block)
+    self.max_segments = int(cfg.attention_max_segments)
 
   def _w(self, p):
     return p[...].astype(self.dtype)
@@ -96,7 +97,8 @@ class MLA(nnx.Module):
       k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], k_nope.shape[:3] + k_rope.shape[-1:])],
                           axis=-1)
       if impl == "cudnn":  # cuDNN flash attention (model/fused_attention.py)
-        out = mla_dot_product_attention(q, k, v, segment_ids, scale=self.scale, implementation="cudnn")
+        out = mla_dot_product_attention(q, k, v, segment_ids, scale=self.scale, implementation="cudnn",
+                                        max_segments=packed_segments(self.max_segments))
       else:
         out = blockwise_attention(q, k, v, segment_ids, scale=self.scale, block_q=self.block, block_k=self.block)
       return self._lora("o", out, jnp.einsum("bqhd,hde->bqe", out, self._w(self.o)))
