@@ -21,11 +21,13 @@ import time
 import jax
 import numpy as np
 import pytest
+import tokenizers
 
 import chat_data as cd
 from conftest import REPO_ROOT, tiny_config
 from joyjax import cli, model, quant
 from joyjax.data import chat as chat_format
+from joyjax.data.tokenizer import Tokenizer
 from joyjax.errors import ConfigError
 from joyjax.rl.sampler import Sampler, left_pad
 from joyjax.train import chat, checkpoint, sample
@@ -112,6 +114,69 @@ def test_stream_never_splits_a_character(tok):
   assert "".join(pieces) == text
   assert all("\ufffd" not in p for p in pieces)
   assert len([p for p in pieces if p]) > 3  # it did stream
+
+
+class CountingDecoder:
+  """A tokenizer stand-in for TextStream that counts the ids it is asked to decode."""
+
+  def __init__(self, tok):
+    self.tok, self.decoded = tok, 0
+
+  def decode(self, ids):
+    self.decoded += len(ids)
+    return self.tok.decode(ids)
+
+
+def stream_one_by_one(tok, ids):
+  stream = chat.TextStream(tok)
+  pieces = [stream.push([i]) for i in ids]
+  return pieces, stream.finish()
+
+
+LONG_REPLY = "".join(f"Step {k}: café 数据 😀 costs {k * 7} ok.\n" for k in range(60))
+
+
+def test_a_long_reply_streams_its_whole_decode_in_linear_time(tok):
+  ids = tok.encode(LONG_REPLY)
+  assert any("\ufffd" in tok.decode([i]) for i in ids)  # characters split across (and merged into) tokens
+  counting = CountingDecoder(tok)
+  pieces, tail = stream_one_by_one(counting, ids)
+  assert "".join(pieces) + tail == tok.decode(ids) == LONG_REPLY
+  assert tail == "" and all("\ufffd" not in p for p in pieces)
+  assert len([p for p in pieces if p]) > len(ids) // 2
+  # Each push decodes a window of a few tokens: linear in the reply (decoding it whole each time: ~n^2 / 2 ids).
+  assert len(ids) > 1000 and counting.decoded < 20 * len(ids)
+
+
+def test_a_reply_that_ends_inside_a_character_shows_it_at_the_end(tok):
+  ids = tok.encode("ok 数")[:-1]  # the last character's final byte never comes
+  pieces, tail = stream_one_by_one(tok, ids)
+  assert "".join(pieces) + tail == tok.decode(ids) and tail.endswith("\ufffd")
+  assert "".join(pieces).startswith("ok") and all("\ufffd" not in p for p in pieces)
+
+
+def sentencepiece_style_tokenizer():
+  """A Llama-style tokenizer: spaces as U+2581, byte fallback for characters outside the (single-character)
+  vocabulary, and a decoder that strips the decode's first space."""
+  vocab = {"<unk>": 0, **{f"<0x{b:02X}>": 1 + b for b in range(256)}}
+  for c in "\u2581abcdefghijklmnopqrstuvwxyzSTEP0123456789:.,":
+    vocab.setdefault(c, len(vocab))
+  hf = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
+  hf.normalizer = tokenizers.normalizers.Sequence([tokenizers.normalizers.Prepend("\u2581"),
+                                                   tokenizers.normalizers.Replace(" ", "\u2581")])
+  d = tokenizers.decoders
+  hf.decoder = d.Sequence([d.Replace("\u2581", " "), d.ByteFallback(), d.Fuse(), d.Strip(" ", 1, 0)])
+  return Tokenizer(hf, bos_id=None, eos_id=None, pad_id=None)
+
+
+def test_a_sentencepiece_style_reply_streams_its_whole_decode():
+  sp = sentencepiece_style_tokenizer()
+  text = "Step 1: café  数据 ok." * 5
+  ids = sp.encode(text)
+  assert sp.decode(ids) == text and any(sp.decode([i]) == "\ufffd" for i in ids)  # byte-fallback pieces
+  pieces, tail = stream_one_by_one(sp, ids)
+  assert "".join(pieces) + tail == text and tail == ""
+  assert all("\ufffd" not in p for p in pieces)
 
 
 def test_ctrl_c_stops_a_reply_and_keeps_what_was_shown(monkeypatch, tok, ckpt):

@@ -69,19 +69,39 @@ class Decoding:
 
 class TextStream:
   """Token ids in, printable text out: ``push(ids)`` returns the text the new ids add, keeping back a tail
-  that decodes to U+FFFD (a multi-byte character whose bytes have not all arrived)."""
+  that decodes to U+FFFD (a multi-byte character whose bytes have not all arrived).
+
+  Incremental: each push decodes only a window of the ids, from the first token of the last printed piece
+  (``_prefix``) to the end, and prints what the window's decode adds to that of its printed part
+  (``ids[_prefix:_read]``). The window moves on after each printed piece, so a reply costs time linear in its
+  length, not quadratic. A window starts where an earlier decode ended on a whole character, so byte-level
+  tokenizers print exactly the whole decode; the printed tokens leading the window give the new ones their
+  context, so decoders that treat the first token of a decode specially (SentencePiece's stripped leading space)
+  print it too. A window that ends inside a character, or whose decode rewrites its printed part, prints nothing
+  until more ids arrive."""
 
   def __init__(self, tokenizer: Tokenizer):
     self.tokenizer = tokenizer
     self.ids: list[int] = []
-    self.shown = ""
+    self._prefix = 0  # the window's first id: ids before it are printed and never decoded again
+    self._read = 0  # ids[:_read] are printed
+    self._pieces: list[str] = []  # what push / finish returned, in order
+
+  @property
+  def shown(self) -> str:
+    """The text printed so far."""
+    return "".join(self._pieces)
 
   def push(self, ids: Sequence[int]) -> str:
     self.ids.extend(int(i) for i in ids)
-    text = self.tokenizer.decode(self.ids)
-    if text.endswith("\ufffd") or not text.startswith(self.shown):
+    window = self.ids[self._prefix:]
+    printed = self.tokenizer.decode(window[:self._read - self._prefix])
+    text = self.tokenizer.decode(window)
+    if text.endswith("\ufffd") or not text.startswith(printed) or len(text) == len(printed):
       return ""
-    piece, self.shown = text[len(self.shown):], text
+    piece = text[len(printed):]
+    self._prefix, self._read = self._read, len(self.ids)
+    self._pieces.append(piece)
     return piece
 
   def text(self) -> str:
@@ -89,10 +109,13 @@ class TextStream:
     return self.tokenizer.decode(self.ids)
 
   def finish(self) -> str:
-    """The text held back so far, as decoded (the stream ended inside a character: shown as U+FFFD)."""
-    text = self.text()
-    piece = text[len(self.shown):] if text.startswith(self.shown) else ""
-    self.shown = text
+    """The text held back so far, as decoded (the stream ended inside a character: shown as U+FFFD): the rest of
+    the whole reply's decode after what was printed (one decode of the reply)."""
+    text, shown = self.text(), self.shown
+    piece = text[len(shown):] if text.startswith(shown) else ""
+    if piece:
+      self._pieces.append(piece)
+    self._prefix = self._read = len(self.ids)
     return piece
 
 
