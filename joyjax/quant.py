@@ -172,10 +172,16 @@ def fake_quantize(w: jax.Array, fmt: str, group_size: int, axis: int) -> jax.Arr
 # ------------------------------------------------------------------------------ which params, and how
 
 
+def enabled(cfg) -> bool:
+  """Whether ``cfg`` quantizes (``quant.format`` is not 'none'): QAT in training, the quantized weights when a
+  model is served. The one spelling of that test."""
+  return cfg.quant.format != QUANT_FORMATS[0]
+
+
 def targets(cfg) -> frozenset:
   """``quant.targets`` as a set of ``config.PARAM_GROUPS`` names (empty when ``quant.format`` is 'none')."""
   q = cfg.quant
-  if q.format == QUANT_FORMATS[0]:
+  if not enabled(cfg):
     return frozenset()
   return frozenset(t.strip() for t in q.targets.split(",") if t.strip())
 
@@ -232,9 +238,9 @@ def fake_quantize_params(cfg, params, step=None):
   QAT: the loss sees these weights, the optimizer updates the float32 masters. PTQ evaluation: the same call on
   trained float weights (outside a gradient the STE is just dequantize(quantize(w))). With ``step`` (a traced
   int) and ``quant.start_step`` > 0, the weights stay float before that step (one compiled step for both phases)."""
-  fmt = cfg.quant.format
-  if fmt == QUANT_FORMATS[0]:
+  if not enabled(cfg):
     return params
+  fmt = cfg.quant.format
   gs = int(cfg.quant.group_size)
   on = None if step is None or cfg.quant.start_step <= 0 else step >= cfg.quant.start_step
 

@@ -197,6 +197,12 @@ def test_fake_quantize_params_gradient_is_identity_and_start_step():
   assert not np.array_equal(np.asarray(after[key]), np.asarray(_paths(params)[key]))
 
 
+def test_enabled_is_a_format_other_than_none():
+  assert not quant.enabled(tiny_config()) and not quant.targets(tiny_config())
+  for fmt in ("int4", "fp8"):
+    assert quant.enabled(_qcfg(quant__format=fmt)) and quant.targets(_qcfg(quant__format=fmt))
+
+
 @pytest.mark.parametrize("over,key", [({"quant.format": "int8"}, "quant.format"),
                                       ({"quant.format": "int4", "quant.targets": "experts"}, "quant.targets"),
                                       ({"quant.format": "int4", "quant.group_size": 0}, "quant.group_size"),

@@ -22,7 +22,6 @@ from typing import Callable
 import jax
 
 from joyjax import model, optim, quant
-from joyjax.config import QUANT_FORMATS
 from joyjax.data import pipeline, sft
 from joyjax.data.tokenizer import load_tokenizer
 from joyjax.errors import ConfigError
@@ -195,7 +194,7 @@ def _train(cfg, objective: Objective, *, stop_after, stream, print_sample: bool,
   distributed.initialize(cfg)  # before jax.process_index(), which would start a single-process backend
   primary = jax.process_index() == 0
   say = (lambda *a: print(*a, file=out, flush=True)) if primary else (lambda *a: None)
-  if cfg.quant.format != QUANT_FORMATS[0] and not objective.qat:
+  if quant.enabled(cfg) and not objective.qat:
     raise ConfigError(f"quant.format={cfg.quant.format!r}: quantization-aware training runs in joyjax train and sft, "
                       f"not {objective.name}; set --config.quant.format=none")
   quant.check(cfg)  # a group size that does not fit the weights, before any data is read
@@ -213,7 +212,7 @@ def _train(cfg, objective: Objective, *, stop_after, stream, print_sample: bool,
 
   mesh = make_mesh(cfg)
   tx = optim.make_optimizer(cfg, model.abstract_params(cfg), objective.optimizer_steps(cfg),
-                            train_mtp=objective.trains_mtp(cfg))
+                            train_mtp=objective.trains_mtp(cfg), mesh=mesh)
   init_state = lambda params: objective.init_state(cfg, tx, params)
   abstract = jax.eval_shape(lambda k: init_state(model.init(cfg, k)), jax.random.key(0))
   state_sh = rules.state_shardings(cfg, mesh, abstract)

@@ -111,7 +111,7 @@ def served_params(cfg, params):
   """The weights a model answers with: with ``quant.format`` set (a QAT run), its selected weights quantized as the
   exporter writes them (``quant.fake_quantize_params``), so a sample or a chat shows the quantized model that was
   trained; the params unchanged otherwise."""
-  return jax.jit(lambda p: quant.fake_quantize_params(cfg, p))(params) if quant.targets(cfg) else params
+  return jax.jit(lambda p: quant.fake_quantize_params(cfg, p))(params) if quant.enabled(cfg) else params
 
 
 def load_checkpoint(path) -> LoadedCheckpoint:
