@@ -10,7 +10,8 @@ Public API
     Which axes of each 'muon' leaf are batch / reduction (input) / output axes (None for other leaves).
 ``weight_decay_mask(cfg, params) -> tree of bool``
     Where decoupled weight decay applies (matrices, except the token embedding table).
-``make_optimizer(cfg, params_or_abstract=None, total_steps=None, train_mtp=None) -> optax.GradientTransformation``
+``make_optimizer(cfg, params_or_abstract=None, total_steps=None, train_mtp=None, mesh=None)``
+    -> optax.GradientTransformation.
 ``mtp_trained(cfg) -> bool``
     Whether the LM loss trains the MTP modules (``train_mtp``'s default): modules exist and the weight is > 0.
 ``learning_rates(cfg, step, total_steps=None) -> dict``
@@ -69,6 +70,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 from optax.contrib import MuonDimensionNumbers, scale_by_muon
 from optax.contrib._muon import scale_by_shape
 
@@ -233,7 +235,8 @@ def weight_decay_mask(cfg, params, train_mtp: bool | None = None) -> Any:
 
 
 def _stack_of_matrices(shape, dims: MuonDimensionNumbers):
-  """(to_stack, from_stack) between an array of ``shape`` and its [batch, in, out] stack of matrices."""
+  """(to_stack, from_stack) between an array of ``shape`` and its [*batch, in, out] stack of matrices (the batch
+  axes keep their own dimensions, so a sharding along them carries over unchanged)."""
   nd = len(shape)
   red = tuple(a % nd for a in ((dims.reduction_axis,) if isinstance(dims.reduction_axis, int)
                                 else dims.reduction_axis))
@@ -241,7 +244,7 @@ def _stack_of_matrices(shape, dims: MuonDimensionNumbers):
   batch = tuple(a for a in range(nd) if a not in red and a not in out)
   perm = batch + red + out
   size = lambda axes: math.prod(shape[a] for a in axes)  # noqa: E731
-  flat = (size(batch), size(red), size(out))
+  flat = tuple(shape[a] for a in batch) + (size(red), size(out))
   permuted = tuple(shape[a] for a in perm)
   inverse = tuple(perm.index(a) for a in range(nd))
   identity = perm == tuple(range(nd))
@@ -257,12 +260,12 @@ def _stack_of_matrices(shape, dims: MuonDimensionNumbers):
 
 
 def newton_schulz_stack(g, ns_steps: int, eps: float, ns_dtype) -> jax.Array:
-  """Orthogonalises each matrix of the stack ``g`` [n, rows, cols]: Frobenius-normalised (in float32), then
+  """Orthogonalises each matrix of the stack ``g`` [..., rows, cols]: Frobenius-normalised (in float32), then
   ``ns_steps`` quintic Newton-Schulz steps X <- a X + (b A + c A A) X with A = X X^T (or, for tall matrices,
   X <- a X + X (b A + c A A) with A = X^T X: the same polynomial of X, on the smaller Gram matrix), every matmul
-  batched over n. The matmuls take ``ns_dtype`` inputs and accumulate in float32; the iterate and the
-  polynomial's sums stay float32 (with bfloat16 inputs this is 2-4x closer to the float32 iteration than
-  rounding every intermediate to bfloat16, at the same tensor-core cost). Returns float32 [n, rows, cols]."""
+  batched over the leading dimensions. The matmuls take ``ns_dtype`` inputs and accumulate in float32; the
+  iterate and the polynomial's sums stay float32 (with bfloat16 inputs this is 2-4x closer to the float32
+  iteration than rounding every intermediate to bfloat16, at the same tensor-core cost). Returns float32."""
   a, b, c = MUON_NS_COEFFS
   f32 = jnp.float32
 
@@ -274,26 +277,66 @@ def newton_schulz_stack(g, ns_steps: int, eps: float, ns_dtype) -> jax.Array:
   wide = g.shape[-2] <= g.shape[-1]
   for _ in range(ns_steps):
     if wide:
-      gram = mm("nij,nkj->nik", x, x)
-      x = a * x + mm("nik,nkj->nij", b * gram + c * mm("nij,njk->nik", gram, gram), x)
+      gram = mm("...ij,...kj->...ik", x, x)
+      x = a * x + mm("...ik,...kj->...ij", b * gram + c * mm("...ij,...jk->...ik", gram, gram), x)
     else:
-      gram = mm("nji,njk->nik", x, x)
-      x = a * x + mm("nik,nkj->nij", x, b * gram + c * mm("nij,njk->nik", gram, gram))
+      gram = mm("...ji,...jk->...ik", x, x)
+      x = a * x + mm("...ik,...kj->...ij", x, b * gram + c * mm("...ij,...jk->...ik", gram, gram))
   return x
 
 
+def matrix_split(batch_shape: tuple[int, ...], mesh) -> PartitionSpec | None:
+  """How to deal a stack of matrices [*batch_shape, rows, cols] out whole over ``mesh``: each mesh axis (in
+  mesh order, size > 1) goes to the last batch dimension whose size it still divides. None unless that uses
+  every device: a stack the devices cannot share evenly (e.g. 40 layers' attention matrices on 64 devices) is
+  computed as it lies, partitioned, rather than repeated on the devices left over; the routed experts' stacks
+  (layers x 256 experts), nearly all of Muon's work, split evenly on any power-of-two mesh up to 256 devices."""
+  left = list(batch_shape)
+  entries: list[list[str]] = [[] for _ in batch_shape]
+  for name, size in mesh.shape.items():
+    for d in reversed(range(len(left))):
+      if size > 1 and left[d] % size == 0:
+        entries[d].append(name)
+        left[d] //= size
+        break
+    else:
+      if size > 1:
+        return None
+  return PartitionSpec(*(tuple(e) if e else None for e in entries), None, None)
+
+
+def distributed_newton_schulz(stack, mesh, ns):
+  """``ns(stack)`` on whole matrices dealt out over ``mesh`` (Moonlight's distributed Muon): the stack
+  [*batch, rows, cols] is constrained to be split along its batch dimensions only (``matrix_split``), so each
+  device runs the Newton-Schulz chain on its own matrices with no communication inside it; the move from the
+  parameters' sharding is one all-to-all each way. Left to that sharding (FSDP splits the rows or columns of
+  every matrix), every matmul of the chain would be partitioned across devices and all-reduce its partial
+  products, or run on every device after an all-gather."""
+  spec = matrix_split(stack.shape[:-2], mesh)
+  if spec is None:
+    return ns(stack)
+  split = NamedSharding(mesh, spec)
+  return jax.lax.with_sharding_constraint(ns(jax.lax.with_sharding_constraint(stack, split)), split)
+
+
 def scale_by_batched_muon(ns_steps: int, beta: float, eps: float, weight_dimension_numbers,
-                          ns_dtype: str = "bfloat16") -> optax.GradientTransformation:
+                          ns_dtype: str = "bfloat16", mesh=None) -> optax.GradientTransformation:
   """optax's ``scale_by_muon`` (Nesterov momentum with bias correction, float32 momentum; the same state, so
   checkpoints carry over) with the orthogonalisation of ``newton_schulz_stack``: one batched chain per leaf over
   its 'layers' x 'expert' stack, in ``ns_dtype``. ``weight_dimension_numbers``: a tree of MuonDimensionNumbers
-  (MaskedNode where the leaf is not Muon's), as for optax."""
+  (MaskedNode where the leaf is not Muon's), as for optax. ``mesh``: the run's device mesh; with more than one
+  device each chain runs on whole matrices dealt out over the devices (``distributed_newton_schulz``)."""
   base = scale_by_muon(ns_steps=ns_steps, beta=beta, eps=eps, weight_dimension_numbers=weight_dimension_numbers)
   dtype = jnp.dtype(ns_dtype)
 
+  def ns(stack):
+    return newton_schulz_stack(stack, ns_steps, eps, dtype)
+
   def orthogonalize(x, dims):
     to_stack, from_stack = _stack_of_matrices(x.shape, dims)
-    return from_stack(newton_schulz_stack(to_stack(x), ns_steps, eps, dtype)).astype(x.dtype)
+    stack = to_stack(x)
+    out = ns(stack) if mesh is None or mesh.size == 1 else distributed_newton_schulz(stack, mesh, ns)
+    return from_stack(out).astype(x.dtype)
 
   def update_fn(updates, state, params=None):
     del params
@@ -319,12 +362,14 @@ def clip_by_global_norm_masked(max_norm: float, mask) -> optax.GradientTransform
 
 
 def make_optimizer(cfg, params_or_abstract=None, total_steps: int | None = None,
-                   train_mtp: bool | None = None) -> optax.GradientTransformation:
+                   train_mtp: bool | None = None, mesh=None) -> optax.GradientTransformation:
   """The optax transformation of ``cfg.optim`` for params shaped like ``params_or_abstract``.
 
   ``params_or_abstract``: the params tree, or its ShapeDtypeStructs (only paths and ranks are read);
   None = ``model.abstract_params(cfg)``. ``total_steps`` defaults to ``cfg.train.steps``. ``train_mtp``: whether
   the run's loss trains the MTP modules (None = ``mtp_trained(cfg)``); when not, they are frozen (rule 1).
+  ``mesh``: the device mesh the update runs on (Muon deals its Newton-Schulz matrices out over it; None = as the
+  arrays lie, e.g. one device).
   The state holds only arrays (orbax-saveable); build it with ``jax.eval_shape(tx.init, abstract)``.
   """
   o = cfg.optim
@@ -351,7 +396,7 @@ def make_optimizer(cfg, params_or_abstract=None, total_steps: int | None = None,
     transforms = {
         "muon": optax.chain(
             scale_by_batched_muon(ns_steps=o.muon_ns_steps, beta=o.muon_momentum, eps=o.eps,
-                                  weight_dimension_numbers=dims, ns_dtype=o.muon_ns_dtype),
+                                  weight_dimension_numbers=dims, ns_dtype=o.muon_ns_dtype, mesh=mesh),
             scale_by_shape(weight_dimension_numbers=dims),  # sqrt(max(1, fan_out / fan_in))
             optax.add_decayed_weights(o.weight_decay),
             optax.scale_by_learning_rate(make_schedule(o, total, o.lr)),
