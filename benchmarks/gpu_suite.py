@@ -96,6 +96,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import decode as decode_bench  # noqa: E402
+import head_loss  # noqa: E402
 import moe_kernels  # noqa: E402
 from joyjax import kernels, model, optim  # noqa: E402
 from joyjax.batch import LM_KEYS  # noqa: E402
@@ -131,6 +132,7 @@ TINY_OVERRIDES = {
     "model.moe.num_experts": 8, "model.moe.num_experts_per_tok": 2, "model.moe.intermediate_size": 32,
     "model.moe.impl": "pallas_interpret", "data.seq_len": 32, "train.batch_size": 2, "train.loss_chunk": 24,
 }
+PACKED_SEGMENTS = 8   # section d's packed-layout attention row: documents per row it takes without the mask
 # The kernel table's shape: JoyAI's, or tiny.
 KERNEL_SHAPE = dict(tokens=16384, hidden=2048, width=768, experts=256, topk=8)
 TINY_KERNEL_SHAPE = dict(tokens=64, hidden=32, width=16, experts=8, topk=2)
@@ -630,7 +632,7 @@ def _part_rows(args, cfg, params: dict, res: dict, errors: list) -> list[dict]:
       lambda hid, w, tg, lw: head.chunked_cross_entropy(hid, w, tg, lw, chunk=cfg.train.loss_chunk)[0],
       (x, model.head_weights(cfg, params)), (targets, loss_w), fpt["head"] * t)
   add("  LM head + loss, autodiff",
-      lambda hid, w, tg, lw: _autodiff_head_loss(hid, w, tg, lw, cfg.train.loss_chunk),
+      lambda hid, w, tg, lw: head_loss.autodiff_cross_entropy(hid, w, tg, lw, cfg.train.loss_chunk),
       (x, model.head_weights(cfg, params)), (targets, loss_w), fpt["head"] * t)
 
   if n_mtp:
@@ -639,26 +641,6 @@ def _part_rows(args, cfg, params: dict, res: dict, errors: list) -> list[dict]:
         (_layer(params, transformer.MTP_STACK), emb, x), (positions, segments),
         (fpt["mtp"] / n_mtp - fpt["head"]) * t)
   return rows
-
-
-PACKED_SEGMENTS = 8   # section d's packed-layout attention row: documents per row it takes without the mask
-
-
-def _autodiff_head_loss(hidden, head_w, targets, weights, chunk: int):
-  """The chunked cross-entropy as joyjax computed it before ``losses.head``: each chunk under ``jax.checkpoint``
-  and differentiated by autodiff (the logits recomputed, and both backward matmuls fed the float32 cotangent).
-  Timed beside ``head.chunked_cross_entropy`` to show what the hand-written gradient saves."""
-  h, t, w = head.token_chunks(hidden, targets, weights, chunk)
-  hw = head_w.astype(hidden.dtype)
-
-  @jax.checkpoint
-  def one(hc, tc, wc):
-    logits = jnp.einsum("ne,ev->nv", hc, hw, preferred_element_type=jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    tgt = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
-    return jnp.sum((lse - tgt) * wc)
-
-  return jax.lax.scan(lambda acc, xs: (acc + one(*xs), None), jnp.zeros((), jnp.float32), (h, t, w))[0]
 
 
 def _moe_piece_rows(args, cfg, layer: dict, x, impl: str, fpt: dict, res: dict, errors: list) -> list[dict]:
