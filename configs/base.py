@@ -200,7 +200,8 @@ def get_config() -> ml_collections.ConfigDict:
   tr.mtp_loss_weight = 0.3
   tr.balance_loss_alpha = 0.0      # sequence-wise balance loss weight (0 disables)
   tr.router_bias_rate = 1e-3       # aux-loss-free bias update rate gamma (0 disables)
-  tr.loss_chunk = 1024             # tokens per chunk of the cross-entropy (full logits never materialise)
+  tr.loss_chunk = 1024             # tokens per device per chunk of the vocabulary head's losses (each chunk holds
+                                   # every row: full logits never materialise)
   tr.max_nonfinite = 10            # stop after this many consecutive skipped (non-finite) steps
   tr.log_every = 10
   tr.eval_every = 0                # evaluate every N steps and at the end (0 = never; needs data.eval_*)

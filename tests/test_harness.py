@@ -61,7 +61,7 @@ def test_harness_losses_equal_a_plain_loop_bitwise(run):
   mesh = make_mesh(cfg)
   tok = pipeline.build_tokenizer(cfg)
   data = pipeline.make_iterator(cfg, tok)
-  tx = optim.make_optimizer(cfg, model.abstract_params(cfg), STEPS)
+  tx = optim.make_optimizer(cfg, model.abstract_params(cfg), STEPS, mesh=mesh)
   abstract = state_lib.abstract_state(cfg, tx)
   state_sh = rules.state_shardings(cfg, mesh, abstract)
   batch_sh = rules.batch_sharding(mesh, rules.get_rules(cfg))

@@ -2,14 +2,17 @@
 float64 numpy cross-entropy (sums, z-loss, correct count) and the analytic float64 gradient; weight-0 tokens
 (even non-finite ones) contribute exact zeros; the undifferentiated path equals the differentiated one; the token
 log-probs' hand-written backward at a temperature against autodiff of a full log-softmax; and, with bfloat16
-compute, every matmul of the backward pass takes bfloat16 operands (the point of writing it by hand).
+compute, every matmul of the backward pass takes bfloat16 operands (the point of writing it by hand); the chunks
+hold every row, so on 8 devices each computes an eighth of the head.
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from conftest import tiny_config
 from joyjax.losses import head
 
 
@@ -240,3 +243,46 @@ def test_token_logps_and_their_gradient_equal_a_full_log_softmax(temperature):
     np.testing.assert_allclose(np.asarray(g), np.nan_to_num(np.asarray(r)), rtol=0,
                                atol=1e-5 * float(np.abs(np.nan_to_num(np.asarray(r))).max()))
   assert not np.any(np.asarray(got[0])[~live])
+
+
+# ------------------------------------------------------------------------------------------ on a device mesh
+
+
+def test_chunks_hold_every_row_and_come_back():
+  """token_chunks splits along the sequence (every row in every chunk, padded at the tail); from_chunks inverts
+  it; chunk_tokens is train.loss_chunk per device times the data-parallel size of the ambient mesh."""
+  x = jnp.arange(3 * 7, dtype=jnp.float32).reshape(3, 7)
+  h, t, w = head.token_chunks(x[..., None], x.astype(jnp.int32), jnp.ones((3, 7)), chunk=8)
+  assert h.shape == (3, 9, 1) and t.shape == w.shape == (3, 9)          # 3 chunks of 3 positions x 3 rows
+  np.testing.assert_array_equal(t[0], [0, 1, 2, 7, 8, 9, 14, 15, 16])
+  np.testing.assert_array_equal(w[2], [1, 0, 0, 1, 0, 0, 1, 0, 0])     # positions 6 (real), 7 and 8 (padding)
+  np.testing.assert_array_equal(head.from_chunks(t, 3, 7), x)
+  cfg = tiny_config(["--config.train.loss_chunk=16"])
+  assert head.chunk_tokens(cfg) == 16
+  with jax.set_mesh(_mesh()):
+    assert head.chunk_tokens(cfg) == 16 * 8                              # batch over fsdp x expert
+
+
+def _mesh():
+  return Mesh(np.asarray(jax.devices()[:8]).reshape(2, 4), ("fsdp", "expert"))
+
+
+def test_each_device_computes_its_rows_share_of_the_head():
+  """8 devices, rows split over them: the compiled gradient of the cross-entropy does an eighth of the
+  one-device FLOPs per device (chunks of flattened tokens lived on one or two devices each, and every device
+  gathered and computed every chunk: half of the whole head per device here)."""
+  mesh = _mesh()
+  b, s, e, v = 8, 64, 32, 512
+
+  def cost(sharded):
+    rows = P(("fsdp", "expert")) if sharded else P()
+    ins = tuple(NamedSharding(mesh, p) for p in (rows, P(), rows, rows))
+    f = jax.jit(jax.grad(lambda h, w, t, m: head.chunked_cross_entropy(h, w, t, m, chunk=128)[0], (0, 1)),
+                in_shardings=ins)
+    c = f.lower(jax.ShapeDtypeStruct((b, s, e), jnp.float32), jax.ShapeDtypeStruct((e, v), jnp.float32),
+                jax.ShapeDtypeStruct((b, s), jnp.int32), jax.ShapeDtypeStruct((b, s), jnp.float32)).compile()
+    ca = c.cost_analysis()
+    return float((ca[0] if isinstance(ca, list) else ca)["flops"])
+
+  one, each = cost(False), cost(True)
+  assert each <= 1.2 * one / 8, (each, one)

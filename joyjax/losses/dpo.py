@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from joyjax import model
 from joyjax.config import DPO_LOSS_TYPES
 from joyjax.batch import dpo_pairs_per_batch
-from joyjax.losses.head import chunked_token_logps
+from joyjax.losses.head import chunk_tokens, chunked_token_logps
 
 DPO_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin",
                "logps/chosen", "logps/rejected")
@@ -65,7 +65,7 @@ def sequence_logps(cfg, params, batch, *, with_aux: bool = False):
                                            segment_ids=batch["segment_ids"], with_mtp=False)
   live = (batch["loss_mask"] != 0) & (batch["sequence_ids"] > 0)
   tok = chunked_token_logps(hidden, model.head_weights(cfg, params), batch["targets"], live,
-                            chunk=cfg.train.loss_chunk)
+                            chunk=chunk_tokens(cfg))
   logps = per_sequence_sums(tok, batch["sequence_ids"], num_sequences(cfg))
   return (logps, aux) if with_aux else logps
 

@@ -25,30 +25,54 @@ loss alone would stop their value but not a nan in d head) and their d logits ar
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+
+from joyjax.axes import batch_axes, get_rules
 
 F32 = jnp.float32
 
 
 def token_chunks(hidden, targets, weights, chunk: int):
-  """Flattens ``[b, s, ...]`` tokens into chunks for a scan over the vocabulary head: hidden [b, s, e] ->
-  [nc, chunk, e], targets -> int32 [nc, chunk], weights -> [nc, chunk]; the tail is padded with weight-0 (or
-  False) tokens. ``chunk`` is clipped to [1, b * s]."""
-  e = hidden.shape[-1]
-  h = hidden.reshape(-1, e)
-  t = targets.reshape(-1).astype(jnp.int32)
-  w = weights.reshape(-1)
-  n = h.shape[0]
-  chunk = max(1, min(int(chunk), n))
-  pad = (-n) % chunk
-  if pad:
-    h = jnp.pad(h, ((0, pad), (0, 0)))
-    t = jnp.pad(t, (0, pad))
-    w = jnp.pad(w, (0, pad))
-  nc = h.shape[0] // chunk
-  return h.reshape(nc, chunk, e), t.reshape(nc, chunk), w.reshape(nc, chunk)
+  """Splits ``[b, s, ...]`` tokens into chunks along the sequence for a scan over the vocabulary head, every row
+  in every chunk: hidden [b, s, e] -> [nc, b * sc, e], targets -> int32 [nc, b * sc], weights -> [nc, b * sc],
+  with nc = ceil(b * s / chunk) chunks of sc = ceil(s / nc) positions (so about ``chunk`` tokens each, at least
+  one position per row); the sequence's tail is padded with weight-0 (or False) tokens.
+
+  Why along the sequence: the rows are what data parallelism splits, so a chunk holding every row is computed by
+  every device on its own rows. Chunks of flattened tokens put each chunk on the one or two devices holding its
+  rows, and the scan's slice of a sharded dimension made every device gather and compute every chunk (on 8
+  devices, half of the whole head per device instead of an eighth). ``chunk`` counts tokens over all devices
+  (``chunk_tokens``: ``train.loss_chunk`` per device); each device holds its rows' share."""
+  b, s, e = hidden.shape
+  nc = -(-(b * s) // max(1, min(int(chunk), b * s)))
+  sc = -(-s // nc)
+  pad = nc * sc - s
+
+  def split(x):
+    if pad:
+      x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+    x = x.reshape((b, nc, sc) + x.shape[2:])
+    return jnp.moveaxis(x, 1, 0).reshape((nc, b * sc) + x.shape[3:])
+
+  return split(hidden), split(targets.astype(jnp.int32)), split(weights)
+
+
+def chunk_tokens(cfg) -> int:
+  """Tokens per chunk over all devices: ``train.loss_chunk`` (tokens per chunk on each device) times the
+  data-parallel size of the mesh the step is traced under (``jax.set_mesh``, as the training loop does; 1
+  outside one), since every device computes its rows' share of each chunk (``token_chunks``)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  sizes = {} if mesh.empty else dict(mesh.shape)
+  return int(cfg.train.loss_chunk) * math.prod(sizes.get(a, 1) for a in batch_axes(get_rules(cfg)))
+
+
+def from_chunks(x, b: int, s: int):
+  """The inverse of ``token_chunks`` for a per-token value: [nc, b * sc] -> [b, s]."""
+  nc = x.shape[0]
+  return jnp.moveaxis(x.reshape(nc, b, -1), 0, 1).reshape(b, -1)[:, :s]
 
 
 def _logits(hc, head, live, scale: float):
@@ -166,10 +190,10 @@ def chunked_token_logps(hidden, head_w, targets, live, *, chunk: int, temperatur
   b, s, _ = hidden.shape
   h, t, m = token_chunks(hidden, targets, live, chunk)
   lp, ent = _token_logps(h, head_w, t, m, 1.0 / float(temperature), bool(entropy))
-  lp = lp.reshape(-1)[:b * s].reshape(b, s)
+  lp = from_chunks(lp, b, s)
   if not entropy:
     return lp
-  return lp, jax.lax.stop_gradient(ent).reshape(-1)[:b * s].reshape(b, s)
+  return lp, jax.lax.stop_gradient(from_chunks(ent, b, s))
 
 
 def _token_logps_scan(h, head_w, t, m, scale: float, entropy: bool):

@@ -1,7 +1,7 @@
 """Language-model pretraining loss: next-token cross-entropy (+ z-loss) + MTP + sequence-wise balance loss.
 
-The cross-entropy is computed ``train.loss_chunk`` tokens at a time, with a hand-written gradient in the compute
-dtype (``losses.head.chunked_cross_entropy``): one chunk's [chunk, vocab] float32 logits exist at a time.
+The cross-entropy is computed ``train.loss_chunk`` tokens per device at a time, with a hand-written gradient in
+the compute dtype (``losses.head.chunked_cross_entropy``): one chunk's float32 logits exist at a time.
 
 Normalisation is by *denominators passed in* (token counts of the whole optimizer batch), not by the
 micro-batch's own counts: the loss of k micro-batches then sums to exactly the loss of the large batch, which
@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from joyjax import model
-from joyjax.losses.head import chunked_cross_entropy
+from joyjax.losses.head import chunk_tokens, chunked_cross_entropy
 
 
 def mtp_weights(batch, depth: int):
@@ -58,14 +58,15 @@ def lm_loss(cfg, params, batch, denom):
       with_mtp=use_mtp)
   head_w = model.head_weights(cfg, params)
   mask = batch["loss_mask"].astype(jnp.float32)
-  main, stats = chunked_cross_entropy(hidden, head_w, batch["targets"], mask, chunk=t.loss_chunk,
+  chunk = chunk_tokens(cfg)
+  main, stats = chunked_cross_entropy(hidden, head_w, batch["targets"], mask, chunk=chunk,
                                       z_weight=t.z_loss)
   loss = main / denom["tokens"]
   stats["tokens"] = jnp.sum(mask)
   if use_mtp:
     mtp_total = 0.0
     for d, h in enumerate(mtp_hidden):
-      mce, _ = chunked_cross_entropy(h, head_w, mtp_targets(batch, d), mtp_weights(batch, d), chunk=t.loss_chunk)
+      mce, _ = chunked_cross_entropy(h, head_w, mtp_targets(batch, d), mtp_weights(batch, d), chunk=chunk)
       stats[f"mtp{d}_ce_sum"] = jax.lax.stop_gradient(mce)
       mtp_total = mtp_total + mce / denom["mtp_tokens"][d]
     # DeepSeek-V3: the MTP loss is the mean over depths, times its weight.

@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from joyjax import model
-from joyjax.losses.head import chunked_token_logps
+from joyjax.losses.head import chunk_tokens, chunked_token_logps
 
 
 def rollout_logps(cfg, params, batch, *, temperature: float):
@@ -29,6 +29,6 @@ def rollout_logps(cfg, params, batch, *, temperature: float):
   mask = batch["response_mask"]
   live = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1) > 0
   lp, ent = chunked_token_logps(hidden, model.head_weights(cfg, params), targets, live,
-                                chunk=cfg.train.loss_chunk, temperature=temperature, entropy=True)
+                                chunk=chunk_tokens(cfg), temperature=temperature, entropy=True)
   shift = lambda x: jnp.concatenate([jnp.zeros_like(x[:, :1]), x[:, :-1]], axis=1)  # noqa: E731
   return shift(lp), shift(ent), aux
