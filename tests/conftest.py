@@ -103,6 +103,22 @@ def tiny_config(*overrides):
   return load_repo_config("tiny", *overrides)
 
 
+def dot_operand_dtypes(jaxpr) -> list[tuple]:
+  """The operand dtypes (as strings) of every dot_general in ``jaxpr`` and the jaxprs nested in it (scan and
+  cond bodies, custom-VJP rules, ...), in order."""
+  out = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      out.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+    for value in eqn.params.values():
+      for sub in (value if isinstance(value, (list, tuple)) else (value,)):
+        if hasattr(sub, "eqns"):
+          out += dot_operand_dtypes(sub)
+        elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+          out += dot_operand_dtypes(sub.jaxpr)
+  return out
+
+
 def free_port() -> int:
   """A TCP port free on localhost right now (for a coordinator or a launcher's ``--port``)."""
   with socket.socket() as s:

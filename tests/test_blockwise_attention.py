@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import dot_operand_dtypes, tiny_config
 from joyjax import model
 from joyjax.model.blockwise import blockwise_attention
 
@@ -84,6 +84,28 @@ def test_bfloat16_inputs():
   out = blockwise_attention(q, k, v, seg, scale=0.3, block_q=16, block_k=8)
   assert out.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(out, np.float32), reference(q, k, v, seg, 0.3), atol=3e-2, rtol=3e-2)
+
+
+def test_bfloat16_backward_matmuls_take_bfloat16_operands():
+  """The backward's four matmuls per block pair (dV, dP, dK, dQ) take bf16 operands and accumulate in float32
+  (they took float32 ones: off the tensor-core / MXU path); the bf16 gradients stay within bf16 rounding of the
+  float32 reference's."""
+  q, k, v, seg = problem(40, jnp.bfloat16)
+  cot = jax.random.normal(jax.random.key(2), (2, 40, 3, 8), jnp.float32)
+  f = lambda *a: jnp.sum(blockwise_attention(*a, seg, scale=0.3, block_q=16, block_k=8).astype(jnp.float32)  # noqa: E731
+                         * cot)
+  jaxpr = jax.make_jaxpr(jax.grad(f, argnums=(0, 1, 2)))(q, k, v).jaxpr
+  dots = dot_operand_dtypes(jaxpr)
+  # the forward's scores and P @ V, the backward's recomputed scores and its four matmuls: bf16; and
+  # rowsum(dO * O), a reduction over the head width rather than a matmul, in float32
+  assert dots.count(("bfloat16", "bfloat16")) == 2 + 5 and dots.count(("float32", "float32")) == 1, dots
+  assert len(dots) == 8, dots
+  got = jax.grad(f, argnums=(0, 1, 2))(q, k, v)
+  g = lambda *a: jnp.sum(reference_jax(*a, seg, 0.3) * cot)  # noqa: E731
+  want = jax.grad(g, argnums=(0, 1, 2))(*(a.astype(jnp.float32) for a in (q, k, v)))
+  for name, a, b in zip("qkv", got, want):
+    scale = float(jnp.abs(b).max())
+    np.testing.assert_allclose(np.asarray(a, np.float32), b, atol=3e-2 * scale, rtol=0, err_msg=f"d{name}")
 
 
 @pytest.mark.slow  # ~16 s on 2 CPU cores; the kernel-level tests above cover the same attention

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from conftest import tiny_config
+from conftest import dot_operand_dtypes, tiny_config
 from joyjax.losses import head
 
 
@@ -160,21 +160,6 @@ def test_the_undifferentiated_loss_equals_the_differentiated_one():
 # ------------------------------------------------------------------------ the backward's matmuls in bfloat16
 
 
-def _dot_operand_dtypes(jaxpr) -> list[tuple]:
-  """The operand dtypes of every dot_general in ``jaxpr`` and the jaxprs nested in it (scan bodies, ...)."""
-  out = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
-      out.append(tuple(str(v.aval.dtype) for v in eqn.invars))
-    for value in eqn.params.values():
-      for sub in (value if isinstance(value, (list, tuple)) else (value,)):
-        if hasattr(sub, "eqns"):
-          out += _dot_operand_dtypes(sub)
-        elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
-          out += _dot_operand_dtypes(sub.jaxpr)
-  return out
-
-
 def _bf16_problem():
   hidden, head_w, targets, weights = _problem(4)
   return jnp.asarray(hidden, jnp.bfloat16), jnp.asarray(head_w), jnp.asarray(targets), jnp.asarray(weights)
@@ -185,7 +170,7 @@ def test_cross_entropy_gradient_is_three_bfloat16_matmuls():
   hand-written one rounds d logits to the compute dtype, and forms the gradient in the forward (no recompute)."""
   h, hw, t, w = _bf16_problem()
   f = lambda h, hw: head.chunked_cross_entropy(h, hw, t, w, chunk=5, z_weight=0.1)[0]   # noqa: E731
-  dots = _dot_operand_dtypes(jax.make_jaxpr(jax.grad(f, (0, 1)))(h, hw).jaxpr)
+  dots = dot_operand_dtypes(jax.make_jaxpr(jax.grad(f, (0, 1)))(h, hw).jaxpr)
   assert dots == [("bfloat16", "bfloat16")] * 3
   # and the bf16 gradient is the float32 one to bf16 precision
   got = jax.grad(f, (0, 1))(h, hw)
@@ -198,7 +183,7 @@ def test_cross_entropy_gradient_is_three_bfloat16_matmuls():
 def test_token_logps_gradient_is_four_bfloat16_matmuls():
   h, hw, t, w = _bf16_problem()
   f = lambda h, hw: jnp.sum(head.chunked_token_logps(h, hw, t, w != 0, chunk=5, temperature=0.7))  # noqa: E731
-  dots = _dot_operand_dtypes(jax.make_jaxpr(jax.grad(f, (0, 1)))(h, hw).jaxpr)
+  dots = dot_operand_dtypes(jax.make_jaxpr(jax.grad(f, (0, 1)))(h, hw).jaxpr)
   assert dots == [("bfloat16", "bfloat16")] * 4     # forward, its recompute in the backward, d hidden, d head
   got = jax.grad(f, (0, 1))(h, hw)
   want = jax.grad(f, (0, 1))(h.astype(jnp.float32), hw)

@@ -105,11 +105,17 @@ def _attention_fwd(q, k, v, seg, scale, bq, bk):
 
 
 def _attention_bwd(scale, bq, bk, res, d_out):
+  """FlashAttention-2's backward: per block pair, the probabilities from the saved log-sum-exp, then dV, dP,
+  dS, dK and dQ. Its four matmuls take operands in the compute dtype (P, dS and dO rounded to it, as the
+  forward rounds P for P @ V) and accumulate in float32: with float32 operands they ran off the bf16 tensor-core
+  / MXU path. The softmax algebra (P, dS, rowsum(dO * O)) stays float32."""
   q, k, v, seg, out, lse = res
   b, s, h, dk = q.shape
   nq, nk = s // bq, s // bk
-  d_out = d_out.astype(jnp.float32)
-  delta = jnp.einsum("bshd,bshd->bhs", d_out, out.astype(jnp.float32))  # rowsum(dO * O)
+  dt = q.dtype
+  f32 = jnp.float32
+  delta = jnp.einsum("bshd,bshd->bhs", d_out.astype(f32), out.astype(f32))  # rowsum(dO * O)
+  d_out = d_out.astype(dt)
 
   def one_key_block(dq, kj):
     k_blk, v_blk, seg_k = _block(k, kj, bk), _block(v, kj, bk), _block(seg, kj, bk)
@@ -124,11 +130,11 @@ def _attention_bwd(scale, bq, bk, res, d_out):
         lse_i = jax.lax.dynamic_slice_in_dim(lse, qi * bq, bq, axis=2)
         delta_i = jax.lax.dynamic_slice_in_dim(delta, qi * bq, bq, axis=2)
         p = jnp.where(mask, jnp.exp(sc - lse_i[..., None]), 0.0)                   # [b, h, bq, bk]
-        dv_j = dv_j + jnp.einsum("bhqk,bqhd->bkhd", p, do_blk)
-        dp = jnp.einsum("bqhd,bkhd->bhqk", do_blk, v_blk.astype(jnp.float32))
-        ds = p * (dp - delta_i[..., None]) * scale
-        dk_j = dk_j + jnp.einsum("bhqk,bqhd->bkhd", ds, q_blk.astype(jnp.float32))
-        dq_i = _block(dq, qi, bq) + jnp.einsum("bhqk,bkhd->bqhd", ds, k_blk.astype(jnp.float32))
+        dv_j = dv_j + jnp.einsum("bhqk,bqhd->bkhd", p.astype(dt), do_blk, preferred_element_type=f32)
+        dp = jnp.einsum("bqhd,bkhd->bhqk", do_blk, v_blk.astype(dt), preferred_element_type=f32)
+        ds = (p * (dp - delta_i[..., None]) * scale).astype(dt)
+        dk_j = dk_j + jnp.einsum("bhqk,bqhd->bkhd", ds, q_blk, preferred_element_type=f32)
+        dq_i = _block(dq, qi, bq) + jnp.einsum("bhqk,bkhd->bqhd", ds, k_blk.astype(dt), preferred_element_type=f32)
         return dk_j, dv_j, jax.lax.dynamic_update_slice_in_dim(dq, dq_i, qi * bq, axis=1)
 
       return jax.lax.cond(_visible(qi, kj, bq, bk), update, lambda c: c, carry), None
