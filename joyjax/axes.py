@@ -18,6 +18,7 @@ replicated over ``dcn_data`` and ``data``; a batch is split over every data-para
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 MESH_AXES = ("dcn_data", "data", "fsdp", "expert", "tensor")
@@ -98,3 +99,10 @@ def get_rules(cfg=None) -> Rules:
 def batch_axes(rules: Rules | None = None) -> tuple[str, ...]:
   """The mesh axes a batch (and so each token) is split over: the ``batch`` rule, in rule order."""
   return tuple(dict(DEFAULT_RULES if rules is None else rules).get("batch", ()))
+
+
+def data_parallel_size(mesh, rules: Rules | None = None) -> int:
+  """How many ways a batch is split: the product of the 'batch' rule's mesh axes (global batch must divide).
+  ``mesh``: a Mesh or AbstractMesh (an empty one: 1), or a {name: size} mapping."""
+  sizes = dict(mesh.shape) if hasattr(mesh, "shape") else dict(mesh)
+  return math.prod(sizes.get(a, 1) for a in batch_axes(rules))

@@ -47,7 +47,7 @@ import jax
 import numpy as np
 
 from joyjax import model, optim
-from joyjax.axes import MESH_AXES, batch_axes, get_rules
+from joyjax.axes import MESH_AXES, data_parallel_size, get_rules
 from joyjax.parallel.mesh import mesh_shape
 from joyjax.parallel.rules import param_specs, shard_shape, state_specs
 from joyjax.tree import path_names
@@ -161,7 +161,7 @@ def plan(cfg, num_devices: int, *, device_memory_gib: float = 0, batch_size: int
 
   batch_size = cfg.train.batch_size if batch_size is None else int(batch_size)
   seq_len = cfg.data.seq_len if seq_len is None else int(seq_len)
-  dp = math.prod(sizes[a] for a in batch_axes(rules))
+  dp = data_parallel_size(sizes, rules)
   micro = batch_size / cfg.train.grad_accum
   seqs = micro / dp
   warnings = []

@@ -26,7 +26,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from joyjax import model
-from joyjax.axes import DEFAULT_RULES, Rules, batch_axes, get_rules, parse_rules
+from joyjax.axes import DEFAULT_RULES, Rules, get_rules, parse_rules
 from joyjax.tree import path_names
 
 def _mesh_sizes(mesh) -> dict[str, int]:
@@ -140,13 +140,6 @@ def batch_spec(mesh=None, rules: Rules | None = None, ndim: int = 2) -> Partitio
 def batch_sharding(mesh, rules: Rules | None = None, ndim: int = 2) -> NamedSharding:
   """NamedSharding for ``[batch, seq]`` (``ndim`` dims) arrays: batch split over dcn_data, data, fsdp, expert."""
   return NamedSharding(mesh, batch_spec(mesh, rules, ndim))
-
-
-def data_parallel_size(mesh, rules: Rules | None = None) -> int:
-  """How many ways a batch is split: the product of the 'batch' rule's mesh axes (global batch must divide)."""
-  rules = DEFAULT_RULES if rules is None else rules
-  sizes = _mesh_sizes(mesh)
-  return math.prod(sizes.get(a, 1) for a in batch_axes(rules))
 
 
 def shard_shape(shape: Sequence[int], spec: PartitionSpec, mesh) -> tuple[int, ...]:

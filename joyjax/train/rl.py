@@ -26,6 +26,7 @@ import optax
 from jax.experimental import multihost_utils
 
 from joyjax import model
+from joyjax.axes import data_parallel_size
 from joyjax.batch import ROLLOUT_KEYS
 from joyjax.data import chat
 from joyjax.data.tokenizer import stop_ids
@@ -178,7 +179,7 @@ class Rollouts:
                            mesh=mesh, draft_tokens=int(rl.draft_tokens))
     self.env = stream.env
     # Rows per process must split over this process's share of the batch axes: pad (and drop) to a multiple.
-    width = 1 if mesh is None else rules.data_parallel_size(mesh, rules.get_rules(cfg))
+    width = 1 if mesh is None else data_parallel_size(mesh, rules.get_rules(cfg))
     self.local_multiple = max(1, width // jax.process_count())
     self.reward = envs.make_reward(rl, self.env, tokenizer=tokenizer)
     self.stop_ids = stop_ids(tokenizer)
@@ -238,7 +239,7 @@ class RLStep:
 
   def __init__(self, cfg, tx, rollouts: Rollouts, mesh, state_shardings, batch_sharding):
     self.cfg, self.rollouts = cfg, rollouts
-    width = rules.data_parallel_size(mesh, rules.get_rules(cfg))
+    width = data_parallel_size(mesh, rules.get_rules(cfg))
     per_mb = rollout_rows(cfg) // int(cfg.rl.num_minibatches)
     if per_mb % width:
       raise ConfigError(f"config key 'rl.num_minibatches': a minibatch of {per_mb} trajectories (rl.prompts_per_step "
