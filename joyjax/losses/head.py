@@ -25,12 +25,11 @@ loss alone would stop their value but not a nan in d head) and their d logits ar
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 
-from joyjax.axes import batch_axes, get_rules
+from joyjax.axes import data_parallel_size, get_rules
 
 F32 = jnp.float32
 
@@ -64,9 +63,7 @@ def chunk_tokens(cfg) -> int:
   """Tokens per chunk over all devices: ``train.loss_chunk`` (tokens per chunk on each device) times the
   data-parallel size of the mesh the step is traced under (``jax.set_mesh``, as the training loop does; 1
   outside one), since every device computes its rows' share of each chunk (``token_chunks``)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  sizes = {} if mesh.empty else dict(mesh.shape)
-  return int(cfg.train.loss_chunk) * math.prod(sizes.get(a, 1) for a in batch_axes(get_rules(cfg)))
+  return int(cfg.train.loss_chunk) * data_parallel_size(jax.sharding.get_abstract_mesh(), get_rules(cfg))
 
 
 def from_chunks(x, b: int, s: int):
@@ -163,14 +160,14 @@ def _cross_entropy(h, head_w, t, w, z_weight: float):
 
 def _cross_entropy_fwd(h, head_w, t, w, z_weight: float):
   sums, (dh, dw) = _cross_entropy_scan(h, head_w, t, w, z_weight, grads=True)
-  return sums, (dh, dw, jnp.zeros((), head_w.dtype), w)
+  return sums, (dh, dw, jnp.zeros((), head_w.dtype))   # the empty array carries head_w's dtype to the backward
 
 
 def _cross_entropy_bwd(z_weight: float, res, cts):
   del z_weight
-  dh, dw, head_like, w = res
+  dh, dw, head_like = res
   g = cts[0]   # only the loss is differentiable; the statistics' cotangents are dropped (they are stop_gradient)
-  return ((dh.astype(F32) * g).astype(dh.dtype), (dw * g).astype(head_like.dtype), None, jnp.zeros_like(w))
+  return (dh.astype(F32) * g).astype(dh.dtype), (dw * g).astype(head_like.dtype), None, None
 
 
 _cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
