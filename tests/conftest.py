@@ -103,6 +103,11 @@ def tiny_config(*overrides):
   return load_repo_config("tiny", *overrides)
 
 
+def fsdp_expert_mesh():
+  """The 8 test devices as an fsdp 2 x expert 4 mesh."""
+  return jax.sharding.Mesh(np.asarray(jax.devices()[:8]).reshape(2, 4), ("fsdp", "expert"))
+
+
 def dot_operand_dtypes(jaxpr) -> list[tuple]:
   """The operand dtypes (as strings) of every dot_general in ``jaxpr`` and the jaxprs nested in it (scan and
   cond bodies, custom-VJP rules, ...), in order."""

@@ -59,7 +59,7 @@ def test_wrong_shape_is_named(exported, tmp_path):
 def test_unexpected_tensor_is_named(exported, tmp_path):
   _, _, out = exported
   rewrite_checkpoint(out, tmp_path / "c", lambda t: dict(t, **{"model.layers.1.mlp.experts.8.up_proj.weight":
-                                                      np.zeros((32, 64), np.float32)}))
+                                                               np.zeros((32, 64), np.float32)}))
   with pytest.raises(hf.ConversionError, match=r"does not know.*experts\.8\.up_proj"):
     hf.import_checkpoint(str(tmp_path / "c"))
 
@@ -118,7 +118,7 @@ def test_fp8_block_quantized_checkpoint(exported, tmp_path):
   assert rel < 0.1 * np.abs(params["moe_layers"]["mlp"]["wi_gate"]).max()
   # a quantised weight without its scales is an error naming it
   rewrite_checkpoint(tmp_path / "fp8", tmp_path / "noscale", lambda t: {k: v for k, v in t.items()
-                                                              if k != name + "_scale_inv"})
+                                                                         if k != name + "_scale_inv"})
   with pytest.raises(hf.ConversionError, match=r"experts\.0\.gate_proj\.weight.*FP8.*weight_scale_inv"):
     hf.import_checkpoint(str(tmp_path / "noscale"))
 

@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from conftest import dot_operand_dtypes, tiny_config
+from conftest import dot_operand_dtypes, fsdp_expert_mesh, tiny_config
 from joyjax.losses import head
 
 
@@ -244,19 +244,15 @@ def test_chunks_hold_every_row_and_come_back():
   np.testing.assert_array_equal(head.from_chunks(t, 3, 7), x)
   cfg = tiny_config(["--config.train.loss_chunk=16"])
   assert head.chunk_tokens(cfg) == 16
-  with jax.set_mesh(_mesh()):
+  with jax.set_mesh(fsdp_expert_mesh()):
     assert head.chunk_tokens(cfg) == 16 * 8                              # batch over fsdp x expert
-
-
-def _mesh():
-  return Mesh(np.asarray(jax.devices()[:8]).reshape(2, 4), ("fsdp", "expert"))
 
 
 def test_each_device_computes_its_rows_share_of_the_head():
   """8 devices, rows split over them: the compiled gradient of the cross-entropy does an eighth of the
   one-device FLOPs per device (chunks of flattened tokens lived on one or two devices each, and every device
   gathered and computed every chunk: half of the whole head per device here)."""
-  mesh = _mesh()
+  mesh = fsdp_expert_mesh()
   b, s, e, v = 8, 64, 32, 512
 
   def cost(sharded):

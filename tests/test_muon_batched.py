@@ -21,11 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 from optax.contrib import MuonDimensionNumbers, scale_by_muon
 from optax.contrib._muon import orthogonalize_via_newton_schulz
 
-from conftest import tiny_config
+from conftest import fsdp_expert_mesh, tiny_config
 from joyjax import model, optim
 from joyjax.errors import ConfigError
 
@@ -115,21 +115,17 @@ def test_config_key_is_validated():
 # ----------------------------------------------------------------------------------- distributed Newton-Schulz
 
 
-def _mesh():
-  return Mesh(np.asarray(jax.devices()[:8]).reshape(2, 4), ("fsdp", "expert"))
-
-
 def test_matrix_split_deals_whole_matrices_over_every_device():
   joyai = types.SimpleNamespace(shape={"data": 1, "fsdp": 16, "expert": 4, "tensor": 1})
   assert optim.matrix_split((39, 256), joyai) == P(None, ("fsdp", "expert"), None, None)   # routed experts
   assert optim.matrix_split((40,), joyai) is None          # 40 layers' attention: not evenly over 64 devices
   assert optim.matrix_split((64,), joyai) == P(("fsdp", "expert"), None, None)
-  assert optim.matrix_split((2, 16), _mesh()) == P(None, ("fsdp", "expert"), None, None)
-  assert optim.matrix_split((4, 2), _mesh()) == P("expert", "fsdp", None, None)
+  assert optim.matrix_split((2, 16), fsdp_expert_mesh()) == P(None, ("fsdp", "expert"), None, None)
+  assert optim.matrix_split((4, 2), fsdp_expert_mesh()) == P("expert", "fsdp", None, None)
 
 
 def _compiled(fn, shape, spec):
-  sh = NamedSharding(_mesh(), spec)
+  sh = NamedSharding(fsdp_expert_mesh(), spec)
   c = jax.jit(fn, in_shardings=sh, out_shardings=sh).lower(jax.ShapeDtypeStruct(shape, jnp.float32)).compile()
   cost = c.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
@@ -145,7 +141,7 @@ def test_distributed_newton_schulz_runs_each_chain_on_one_device():
   device does an eighth of the work, and the result is the single-device one."""
   shape, spec = (4, 16, 128, 64), P(None, "expert", "fsdp", None)
   ns = lambda s: optim.newton_schulz_stack(s, 5, 1e-8, jnp.float32)   # noqa: E731
-  mesh = _mesh()
+  mesh = fsdp_expert_mesh()
   single, _ = _compiled(ns, shape, P())
   flops, ops = _compiled(ns, shape, spec)
   assert ops.count("all-reduce") >= 5, ops              # the layout's cost: one per step at least
@@ -166,7 +162,7 @@ def test_muon_update_on_a_mesh_equals_one_device():
   rng = np.random.default_rng(3)
   grads = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape), a.dtype), abstract)
   params = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract)
-  mesh = _mesh()
+  mesh = fsdp_expert_mesh()
   plain = optim.make_optimizer(cfg, abstract)
   dealt = optim.make_optimizer(cfg, abstract, mesh=mesh)
   want, _ = jax.jit(plain.update)(grads, plain.init(params), params)
